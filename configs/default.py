@@ -1,0 +1,82 @@
+"""Shared defaults: every named config starts from these and changes what it needs."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """The full set of keys a run is described by (data, SDE, model, training, sampling, likelihood, seed)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+    config.device = "auto"  # "auto" picks CUDA when present, else CPU
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "ring2d"  # toy name, "digits", "cifar10" or "image_folder"
+    data.kind = "toy"  # "toy" (vectors in data space) or "image" (uint8 images scaled to the model range)
+    data.path = ""  # location of image data (CIFAR-10 folder / npz parts, image folder)
+    data.dim = 2  # vector dimension for toy data
+    data.image_size = 32
+    data.num_channels = 3
+    data.centered = False  # images scaled to [-1, 1] if True, else [0, 1]
+    data.uniform_dequantization = False
+    data.random_flip = False
+    data.num_classes = 0
+
+    config.sde = sde = ml_collections.ConfigDict()
+    sde.name = "vpsde"
+    sde.beta_min = 0.1
+    sde.beta_max = 20.0
+    sde.sigma_min = 0.01
+    sde.sigma_max = 50.0
+    sde.num_scales = 1000
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "mlp"
+    model.hidden_dim = 256
+    model.num_layers = 3
+    model.embedding_dim = 64
+    model.ema_rate = 0.999
+    model.scale_by_sigma = False
+    model.dropout = 0.0
+
+    config.training = training = ml_collections.ConfigDict()
+    training.continuous = True
+    training.reduce_mean = False
+    training.likelihood_weighting = False
+    training.importance_sampling = False
+    training.eps = 1e-5  # smallest t used by the loss
+    training.batch_size = 512
+    training.n_iters = 4000
+    training.lr = 2e-3
+    training.weight_decay = 0.0
+    training.warmup = 100
+    training.grad_clip = 1.0
+    training.log_every = 100
+    training.snapshot_every = 1000
+    training.sample_every = 2000
+    training.bf16 = True  # autocast on CUDA only; CPU trains in float32
+    training.compile = False
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.solver = "em"
+    sampling.nfe = 500
+    sampling.num_samples = 2000
+    sampling.eps = 1e-3
+    sampling.batch_size = 2000
+    sampling.predictor = "reverse_diffusion"
+    sampling.corrector = "langevin"
+    sampling.snr = 0.16
+    sampling.n_steps_each = 1
+    sampling.noise_removal = True
+
+    config.likelihood = likelihood = ml_collections.ConfigDict()
+    likelihood.eps = 1e-5
+    likelihood.method = "dopri5"
+    likelihood.rtol = 1e-5
+    likelihood.atol = 1e-5
+    likelihood.divergence = "hutchinson_rademacher"
+    likelihood.n_probes = 1
+    likelihood.num_dequant = 1
+    likelihood.batch_size = 500
+    likelihood.split = "test"
+    return config

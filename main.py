@@ -1,0 +1,116 @@
+"""Command line: python main.py --mode train|sample|likelihood|eval --config NAME [--workdir DIR] [--config.a.b=v]."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# mode -> "module:function"; each function is run(config, workdir, args) -> exit code (None means 0)
+MODES = {
+    "train": "training.runner:run",
+    "sample": "evaluation.sample_runner:run",
+    "likelihood": "evaluation.likelihood_runner:run",
+    "eval": "evaluation.eval_runner:run",
+}
+
+
+class CLIError(Exception):
+    """A problem with the command line, reported as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; `--config.KEY=VALUE` overrides are collected separately."""
+    parser = argparse.ArgumentParser(
+        description="Score-based generative modeling through SDEs: train, sample, compute bits/dim.",
+        epilog="Override any config value with --config.KEY=VALUE, e.g. --config.training.batch_size=64.")
+    parser.add_argument("--mode", required=True, help=f"one of: {', '.join(MODES)}")
+    parser.add_argument("--config", required=True, help="a config name from configs/ or a path to a config file")
+    parser.add_argument("--workdir", default=None, help="run folder for checkpoints, logs and outputs "
+                        "(default: runs/CONFIG)")
+    parser.add_argument("--solver", default=None, help="sampler name (default: config.sampling.solver)")
+    parser.add_argument("--nfe", type=int, default=None, help="budget of score evaluations for the sampler")
+    parser.add_argument("--num_samples", type=int, default=None, help="number of samples to draw")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: config.seed)")
+    parser.add_argument("--split", default=None, help="data split for likelihood/eval (train or test)")
+    parser.add_argument("--num_batches", type=int, default=None, help="number of batches for likelihood/eval")
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split argv into parsed flags and `KEY=VALUE` config overrides."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise CLIError(f"malformed override {arg!r}: expected --config.KEY=VALUE")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise CLIError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    return args, overrides
+
+
+def load_runner(mode: str):
+    """Import the function that implements `mode`, or explain that it has not landed yet."""
+    module_name, function_name = MODES[mode].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name.split(".")[0]) and error.name in module_name:
+            raise CLIError(f"mode {mode!r} is not implemented yet in this version of the toolkit") from None
+        raise
+    return getattr(module, function_name)
+
+
+def check_solver(name: str) -> None:
+    """Fail with the list of valid names if `name` is not a known sampler."""
+    try:
+        from solvers import available_solvers
+    except ImportError:
+        raise CLIError("no samplers are available in this version of the toolkit") from None
+    valid = available_solvers()
+    if name not in valid:
+        raise CLIError(f"unknown solver {name!r}; valid: {', '.join(valid)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    import configs
+    from errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, overrides = parse_args(argv)
+        if args.mode not in MODES:
+            raise CLIError(f"unknown mode {args.mode!r}; valid: {', '.join(MODES)}")
+        config = configs.get_config(args.config)
+        configs.apply_overrides(config, overrides)
+        if args.solver is not None:
+            check_solver(args.solver)
+        if args.nfe is not None and args.nfe <= 0:
+            raise CLIError(f"--nfe must be positive, got {args.nfe}")
+        if args.num_samples is not None and args.num_samples <= 0:
+            raise CLIError(f"--num_samples must be positive, got {args.num_samples}")
+        if args.seed is not None:
+            config.seed = args.seed
+        workdir = args.workdir or f"runs/{args.config.replace('/', '_').removesuffix('.py')}"
+        runner = load_runner(args.mode)
+        code = runner(config, workdir, args)
+    except (CLIError, UserError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0 if code is None else int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
