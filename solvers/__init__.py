@@ -1,0 +1,29 @@
+"""Samplers that take an `SDE` and a `score_fn(x, t)` and report their number of score evaluations."""
+from __future__ import annotations
+
+import torch
+
+from errors import UserError
+from solvers.registry import SAMPLERS, register
+
+# Importing the sampler modules fills the table (each module registers its names).
+
+
+def available_solvers() -> list[str]:
+    """Names accepted by `sample(..., solver=NAME)` and `main.py --solver`."""
+    return sorted(SAMPLERS)
+
+
+def sample(sde, score_fn, shape, solver: str = "em", nfe: int | None = None, eps: float = 1e-3,
+           x_T: torch.Tensor | None = None, generator: torch.Generator | None = None, **options):
+    """Draw samples of `shape` with the named solver; returns (samples, nfe_used)."""
+    if solver not in SAMPLERS:
+        raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
+    if nfe is not None and int(nfe) <= 0:
+        raise UserError(f"nfe must be positive, got {nfe}")
+    if x_T is not None and tuple(x_T.shape) != tuple(shape):
+        raise UserError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    return SAMPLERS[solver](sde, score_fn, tuple(shape), nfe=nfe, eps=eps, x_T=x_T, generator=generator, **options)
+
+
+__all__ = ["sample", "available_solvers", "SAMPLERS", "register"]
