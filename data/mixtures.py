@@ -98,7 +98,7 @@ class GaussianMixture:
         posterior = torch.softmax(logps, dim=1)  # p_t(k | x)
         return -(posterior[:, :, None] * diff / var).sum(1)
 
-    def component_posterior(self, x: torch.Tensor, t: float | torch.Tensor, sde: SDE | None = None) -> torch.Tensor:
+    def component_posterior(self, x: torch.Tensor, t: float | torch.Tensor = 0.0, sde: SDE | None = None) -> torch.Tensor:
         """p_t(k | x) for every component k: (batch, K). With sde=None, at the data (t = 0 without noise)."""
         logps, _, _ = self._component_logps(x, *self._coefficients(x, t, sde))
         return torch.softmax(logps, dim=1)

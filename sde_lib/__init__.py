@@ -1,4 +1,5 @@
 """Forward SDEs of score-based generative modeling: VP (DDPM), sub-VP and VE (SMLD/NCSN)."""
+from errors import UserError
 from sde_lib.base import SDE, ReverseSDE, batch_time, broadcast_to
 from sde_lib.ve import VESDE
 from sde_lib.vp import VPSDE, subVPSDE
@@ -10,7 +11,7 @@ def get_sde(config) -> SDE:
     """Build the SDE named by `config.sde.name` with its parameters from `config.sde`."""
     name = config.sde.name.lower()
     if name not in SDES:
-        raise ValueError(f"unknown SDE {config.sde.name!r}; valid: {', '.join(SDES)}")
+        raise UserError(f"unknown SDE {config.sde.name!r}; valid: {', '.join(SDES)}")
     if name == "vesde":
         return VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
     return SDES[name](config.sde.beta_min, config.sde.beta_max, config.sde.num_scales)

@@ -1,0 +1,91 @@
+"""Command line: configs by name or path, typed overrides, and one-line errors with the valid choices."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import configs
+import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(capsys, *argv):
+    code = main.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_config(capsys):
+    code, err = run_main(capsys, "--mode", "train", "--config", "nope")
+    assert code == 2
+    assert "unknown config 'nope'" in err and "vp_toy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_mode(capsys):
+    code, err = run_main(capsys, "--mode", "dance", "--config", "vp_toy")
+    assert code == 2 and "unknown mode 'dance'" in err and "train, sample, likelihood, eval" in err
+
+
+def test_unknown_solver(capsys):
+    code, err = run_main(capsys, "--mode", "sample", "--config", "vp_toy", "--solver", "magic")
+    assert code == 2 and "unknown solver 'magic'" in err and "valid:" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.training.batch_size=abc", "expected a number"),
+    ("--config.training.batch_size=1.5", "expected an integer"),
+    ("--config.training.nope=1", "unknown config key 'training.nope'"),
+    ("--config.bogus.x=1", "'bogus' not in config"),
+    ("--config.training.bf16=maybe", "expected true or false"),
+    ("--config.training=3", "names a group"),
+])
+def test_malformed_overrides(capsys, override, message):
+    code, err = run_main(capsys, "--mode", "train", "--config", "vp_toy", override)
+    assert code == 2 and message in err, err
+
+
+def test_override_without_value(capsys):
+    code, err = run_main(capsys, "--mode", "train", "--config", "vp_toy", "--config.training.batch_size")
+    assert code == 2 and "malformed override" in err
+
+
+def test_non_positive_nfe(capsys):
+    code, err = run_main(capsys, "--mode", "sample", "--config", "vp_toy", "--nfe", "0")
+    assert code == 2 and "--nfe must be positive" in err
+
+
+def test_unrecognized_flag(capsys):
+    code, err = run_main(capsys, "--mode", "train", "--config", "vp_toy", "--bogus")
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
+def test_typed_overrides_and_config_file(tmp_path):
+    config = configs.get_config("vp_toy")
+    configs.apply_overrides(config, ["training.batch_size=64", "sde.beta_max=10", "training.bf16=false",
+                                     "data.dataset=grid2d"])
+    assert config.training.batch_size == 64 and isinstance(config.training.batch_size, int)
+    assert config.sde.beta_max == 10.0 and isinstance(config.sde.beta_max, float)
+    assert config.training.bf16 is False and config.data.dataset == "grid2d"
+    path = tmp_path / "my_config.py"
+    path.write_text("from configs.vp_toy import get_config as base\n\n"
+                    "def get_config():\n    c = base()\n    c.seed = 7\n    return c\n")
+    assert configs.get_config(str(path)).seed == 7
+    with pytest.raises(configs.ConfigError, match="does not exist"):
+        configs.get_config(str(tmp_path / "missing.py"))
+
+
+def test_every_named_config_loads():
+    names = configs.available_configs()
+    assert {"vp_toy", "subvp_toy", "ve_toy"} <= set(names)
+    for name in names:
+        config = configs.get_config(name)
+        assert {"data", "sde", "model", "training", "sampling", "likelihood", "seed"} <= set(config.keys())
+
+
+def test_process_exit_code_and_single_line():
+    proc = subprocess.run([sys.executable, "main.py", "--mode", "train", "--config", "nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown config 'nope'")
+    assert len(proc.stderr.strip().splitlines()) == 1
