@@ -38,6 +38,26 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.ema_rate = 0.999
     model.scale_by_sigma = False
     model.dropout = 0.0
+    # noise-label embedding: "auto" (fourier for vesde, else positional), "fourier", "positional"
+    model.embedding_type = "auto"
+    model.fourier_scale = 16.0
+    # U-Nets (ddpmpp / ncsnpp / ddpm / ncsnv2); reference values per CIFAR config in docs/MODELS.md
+    model.nf = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 4
+    model.attn_resolutions = (16,)
+    model.resamp_with_conv = True
+    model.conditional = True
+    model.fir = False
+    model.fir_kernel = (1, 3, 3, 1)
+    model.skip_rescale = True
+    model.resblock_type = "biggan"  # "biggan" or "ddpm"
+    model.progressive = "none"  # "none", "output_skip", "residual"
+    model.progressive_input = "none"  # "none", "input_skip", "residual"
+    model.progressive_combine = "sum"  # "sum" or "cat"
+    model.init_scale = 0.0
+    model.conv_size = 3
+    model.nonlinearity = "swish"  # "swish", "elu", "relu", "lrelu"
 
     config.training = training = ml_collections.ConfigDict()
     training.continuous = True

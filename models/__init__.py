@@ -1,0 +1,40 @@
+"""Score networks (MLP, DDPM++/NCSN++, DDPM, NCSNv2), the network -> score conversion, and weight EMA."""
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from errors import UserError
+from models.ema import ExponentialMovingAverage
+from models.score_fn import get_score_fn, noise_labels
+
+# name -> "module:Class"; imported lazily so a toy run does not build the U-Net code.
+MODELS = {
+    "mlp": "models.mlp:MLPScoreNet",
+    "ddpmpp": "models.ncsnpp:DDPMpp",
+    "ncsnpp": "models.ncsnpp:NCSNpp",
+    "ddpm": "models.ddpm:DDPM",
+    "ncsnv2": "models.ncsnv2:NCSNv2",
+}
+
+
+def available_models() -> list[str]:
+    """Names accepted by config.model.name."""
+    return list(MODELS)
+
+
+def create_model(config) -> nn.Module:
+    """Build the network named by config.model.name (on CPU, float32)."""
+    name = str(config.model.name).lower()
+    if name not in MODELS:
+        raise UserError(f"unknown model {config.model.name!r}; valid: {', '.join(MODELS)}")
+    if config.model.get("scale_by_sigma", False) and str(config.sde.name).lower() != "vesde":
+        raise UserError("model.scale_by_sigma divides the output by sigma and only makes sense with the VE SDE "
+                        f"(sde.name='vesde'), got sde.name={config.sde.name!r}")
+    module_name, class_name = MODELS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(config)
+
+
+__all__ = ["MODELS", "available_models", "create_model", "get_score_fn", "noise_labels", "ExponentialMovingAverage"]

@@ -1,0 +1,58 @@
+"""Embeddings of the noise-level input: sinusoidal (DDPM) and Gaussian random Fourier features (NCSN++)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _float_dtype(t: torch.Tensor) -> torch.dtype:
+    """At least float32: noise labels such as 999 t lose too much precision in half types."""
+    return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
+    """Transformer position encoding of (batch,) labels, as DDPM uses (Ho et al., 2020, sec. 4 / Vaswani et al.).
+
+    emb[:, k] = sin(t * w_k), emb[:, half + k] = cos(t * w_k), w_k = max_positions^(-k / (half - 1)).
+    """
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be a (batch,) tensor, got shape {tuple(timesteps.shape)}")
+    half = dim // 2
+    dtype = _float_dtype(timesteps)
+    scale = math.log(max_positions) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, device=timesteps.device, dtype=dtype) * -scale)
+    args = timesteps.to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features [sin(2 pi W s), cos(2 pi W s)], W ~ N(0, scale^2) fixed (Tancik et al., 2020).
+
+    Song et al. (2021, app. H) feed log(sigma) through these for continuous-time VE models.
+    """
+
+    def __init__(self, embedding_size: int = 256, scale: float = 1.0):
+        super().__init__()
+        # A fixed (non-trained) parameter, as in the reference implementation, so checkpoints carry it.
+        self.W = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        dtype = _float_dtype(s)
+        proj = s.to(dtype)[:, None] * self.W.to(dtype)[None, :] * (2 * math.pi)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+
+def resolve_embedding_type(config) -> str:
+    """config.model.embedding_type, with "auto" meaning "fourier" for the VE SDE and "positional" otherwise."""
+    kind = str(config.model.get("embedding_type", "auto")).lower()
+    if kind == "auto":
+        return "fourier" if str(config.sde.name).lower() == "vesde" else "positional"
+    if kind not in ("fourier", "positional"):
+        from errors import UserError
+        raise UserError(f"unknown model.embedding_type {kind!r}; valid: auto, fourier, positional")
+    return kind
