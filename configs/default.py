@@ -99,4 +99,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     likelihood.num_dequant = 1
     likelihood.batch_size = 500
     likelihood.split = "test"
+    likelihood.num_batches = 0  # batches to evaluate (0 = the whole split; toys: toy_num_samples points)
+    likelihood.toy_num_samples = 2000  # size of a toy split (fixed exact samples per seed and split)
+    likelihood.ddpm_bound = False  # also the DDPM variational bound (discrete-time VP models only)
+    likelihood.ddpm_variance = "fixedlarge"  # decoder/reverse variances: "fixedlarge" (beta_t) or "fixedsmall"
+    likelihood.ddpm_num_terms = 0  # KL terms per image (0 = all N-1; K > 0 = unbiased estimate from K)
     return config
