@@ -56,3 +56,17 @@ def resolve_embedding_type(config) -> str:
         from errors import UserError
         raise UserError(f"unknown model.embedding_type {kind!r}; valid: auto, fourier, positional")
     return kind
+
+
+def positional_timesteps(labels: torch.Tensor, config) -> torch.Tensor:
+    """The value a positional embedding encodes for a network label.
+
+    VP / sub-VP labels (999 t or a step index) are used as they are. VE labels are noise levels sigma;
+    they are mapped to the reference's step index i = (N - 1) log(sigma_max / sigma) / log(sigma_max / sigma_min)
+    (i = 0 at sigma_max), so that discrete-VE networks see the same numbers as in Song et al.'s code.
+    """
+    if str(config.sde.name).lower() != "vesde":
+        return labels
+    smin, smax, n = float(config.sde.sigma_min), float(config.sde.sigma_max), int(config.sde.num_scales)
+    dtype = _float_dtype(labels)
+    return (n - 1) * torch.log(smax / labels.to(dtype)) / math.log(smax / smin)
