@@ -32,6 +32,8 @@ def draw_probes(x: torch.Tensor, divergence: str, n_probes: int,
 
 def _batched_vjp(out: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """v^T (d out / d x) for each v in `vectors` (k, *x.shape); returns (k, *x.shape)."""
+    if vectors.shape[0] == 1:  # a single backward pass: vmap would only add overhead
+        return torch.autograd.grad(out, x, grad_outputs=vectors[0], retain_graph=True)[0][None]
     try:
         (vjps,) = torch.autograd.grad(out, x, grad_outputs=vectors, is_grads_batched=True,
                                       retain_graph=True)

@@ -1,0 +1,197 @@
+"""`--mode likelihood`: bits/dim of a trained model on a data split through the probability-flow ODE.
+
+Images: uniformly dequantized 8-bit data, bits/dim with the scaling log-determinant and 8-bit offset
+(see likelihood/bpd.py). Toys: exact samples of the toy distribution (a fixed set per split and seed),
+reported in nats/dim and bits/dim without dequantization; for the analytic mixtures the exact
+-log p_eps of the same points is reported next to it. The report is printed and written as JSON to
+`likelihood_{split}.json` in the checkpoint folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from errors import UserError
+from likelihood import bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr
+from sde_lib import VPSDE, get_sde, subVPSDE
+
+SPLITS = ("train", "test")
+_SPLIT_SALT = {"train": 0x7A, "test": 0x7E}  # toy splits: disjoint seeds, never the training stream's
+
+
+def _likelihood_options(config) -> dict:
+    lk = config.likelihood
+    return {"eps": float(lk.eps), "method": str(lk.method), "rtol": float(lk.rtol), "atol": float(lk.atol),
+            "divergence": str(lk.divergence), "n_probes": int(lk.n_probes)}
+
+
+def _toy_points(config, split: str, count: int) -> torch.Tensor:
+    """A fixed set of `count` exact samples of the toy distribution for (seed, split)."""
+    from data.toys import sample_toy
+
+    seed = np.random.SeedSequence([int(config.seed) & 0xFFFFFFFF, _SPLIT_SALT[split]]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(seed))
+    try:
+        return sample_toy(str(config.data.dataset), count, generator=generator, dtype=torch.float64)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _batches(total: int, batch_size: int, num_batches: int) -> list[tuple[int, int]]:
+    """(start, end) row ranges: `num_batches` batches (0 = all rows)."""
+    ranges = [(s, min(s + batch_size, total)) for s in range(0, total, batch_size)]
+    return ranges if num_batches <= 0 else ranges[:num_batches]
+
+
+def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: torch.device,
+                 progress: bool = True) -> dict:
+    """nats/dim and bits/dim of toy data (no dequantization), with mean NFE and samples/s."""
+    from data.mixtures import TOY_MIXTURES, toy_mixture
+
+    batch_size = int(config.likelihood.batch_size)
+    count = batch_size * num_batches if num_batches > 0 else int(config.likelihood.toy_num_samples)
+    points = _toy_points(config, split, count)
+    dim = points.shape[1]
+    generator = torch.Generator(device=device).manual_seed(int(config.seed))
+    options = _likelihood_options(config)
+    nats, nfes, reference = [], [], []
+    mixture = toy_mixture(str(config.data.dataset)) if str(config.data.dataset) in TOY_MIXTURES else None
+    start_time = time.perf_counter()
+    bar = tqdm(_batches(count, batch_size, 0), desc=f"likelihood {split}", unit="batch", disable=not progress)
+    for lo, hi in bar:
+        x = points[lo:hi].to(device=device, dtype=torch.float32)
+        logp, _, nfe = log_likelihood(sde, score_fn, x, generator=generator, **options)
+        nats.append((-logp.double() / dim).cpu())
+        nfes.append(nfe)
+        if mixture is not None:
+            reference.append((-mixture.marginal_log_prob(points[lo:hi], options["eps"], sde) / dim).cpu())
+        bar.set_postfix(nats_per_dim=f"{torch.cat(nats).mean():.4f}", nfe=nfe)
+    _synchronize(device)
+    seconds = time.perf_counter() - start_time
+    mean, stderr = mean_and_stderr(torch.cat(nats))
+    report = {"nats_per_dim": mean, "nats_per_dim_stderr": stderr,
+              "bits_per_dim": mean / math.log(2), "bits_per_dim_stderr": stderr / math.log(2),
+              "num_samples": count, "dim": dim, "dequantized": False,
+              "mean_nfe": float(np.mean(nfes)), "samples_per_s": count / seconds, "seconds": seconds}
+    if mixture is not None:
+        ref_mean, ref_err = mean_and_stderr(torch.cat(reference))
+        report.update(exact_nats_per_dim=ref_mean, exact_nats_per_dim_stderr=ref_err)
+    return report
+
+
+def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device: torch.device,
+                    progress: bool = True) -> dict:
+    """Bits/dim of dequantized 8-bit images (mean and standard error over images), mean NFE, images/s."""
+    from data.loaders import load_image_dataset
+    from data.transforms import data_scale
+
+    images, _ = load_image_dataset(config, split)
+    images = torch.from_numpy(np.ascontiguousarray(images))
+    batch_size = int(config.likelihood.batch_size)
+    ranges = _batches(images.shape[0], batch_size, num_batches)
+    generator = torch.Generator(device=device).manual_seed(int(config.seed))
+    options = _likelihood_options(config)
+    scale = data_scale(config)
+    bpds, nfes, bounds = [], [], []
+    with_bound = bool(config.likelihood.get("ddpm_bound", False))
+    if with_bound:
+        eps_fn = _ddpm_eps_fn(config, sde, score_fn)
+    start_time = time.perf_counter()
+    bar = tqdm(ranges, desc=f"bits/dim {split}", unit="batch", disable=not progress)
+    for lo, hi in bar:
+        batch = images[lo:hi].to(device)
+        bpd, nfe = bits_per_dim(sde, score_fn, batch, data_scale=scale, num_dequant=int(config.likelihood.num_dequant),
+                                generator=generator, **options)
+        bpds.append(bpd.cpu())
+        nfes.append(nfe / int(config.likelihood.num_dequant))
+        if with_bound:
+            num_terms = int(config.likelihood.ddpm_num_terms) or None
+            bounds.append(ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
+                                         variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu())
+        bar.set_postfix(bpd=f"{torch.cat(bpds).mean():.4f}", nfe=nfe)
+    _synchronize(device)
+    seconds = time.perf_counter() - start_time
+    count = sum(hi - lo for lo, hi in ranges)
+    mean, stderr = mean_and_stderr(torch.cat(bpds))
+    report = {"bits_per_dim": mean, "bits_per_dim_stderr": stderr, "num_samples": count,
+              "dim": int(images[0].numel()), "dequantized": True, "num_dequant": int(config.likelihood.num_dequant),
+              "data_scale": list(scale), "mean_nfe": float(np.mean(nfes)), "images_per_s": count / seconds,
+              "seconds": seconds}
+    if with_bound:
+        report["ddpm_bound_bits_per_dim"], report["ddpm_bound_stderr"] = mean_and_stderr(torch.cat(bounds))
+    return report
+
+
+def _ddpm_eps_fn(config, sde, score_fn):
+    if not isinstance(sde, VPSDE) or isinstance(sde, subVPSDE) or config.training.continuous:
+        raise UserError("likelihood.ddpm_bound needs a VP model trained in discrete time "
+                        "(sde.name='vpsde', training.continuous=False)")
+    return eps_fn_from_score(sde, score_fn)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(config, sde, score_fn, split: str, num_batches: int, device: torch.device, progress: bool = True) -> dict:
+    """The likelihood report of `score_fn` on a split of config.data (toy or image)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if num_batches < 0:
+        raise UserError(f"the number of batches must be >= 0 (0 = whole split), got {num_batches}")
+    if int(config.likelihood.batch_size) < 1:
+        raise UserError(f"likelihood.batch_size must be >= 1, got {config.likelihood.batch_size}")
+    evaluate_fn = evaluate_images if str(config.data.kind) == "image" else evaluate_toy
+    report = evaluate_fn(config, sde, score_fn, split, num_batches, device, progress)
+    report.update(split=split, dataset=str(config.data.dataset), sde=str(config.sde.name),
+                  device=str(device), **_likelihood_options(config))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """One human-readable summary line."""
+    rate = report.get("images_per_s", report.get("samples_per_s"))
+    line = (f"{report['dataset']} {report['split']}: {report['bits_per_dim']:.4f} ± {report['bits_per_dim_stderr']:.4f}"
+            f" bits/dim")
+    if "nats_per_dim" in report:
+        line += f" ({report['nats_per_dim']:.4f} ± {report['nats_per_dim_stderr']:.4f} nats/dim"
+        if "exact_nats_per_dim" in report:
+            line += f"; exact model {report['exact_nats_per_dim']:.4f}"
+        line += ")"
+    if "ddpm_bound_bits_per_dim" in report:
+        line += f", DDPM bound {report['ddpm_bound_bits_per_dim']:.4f} ± {report['ddpm_bound_stderr']:.4f}"
+    return line + (f", n={report['num_samples']}, mean NFE {report['mean_nfe']:.1f}, {rate:.1f} "
+                   f"{'images' if report['dequantized'] else 'samples'}/s")
+
+
+def run(config, workdir: str, args) -> int:
+    """Entry point of `main.py --mode likelihood`."""
+    import models
+    from training.checkpoint import checkpoint_dir, restore_model
+    from training.device import get_device
+
+    device = get_device(config)
+    sde = get_sde(config)
+    model, step = restore_model(config, workdir, device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # the divergence needs grads w.r.t. x only
+    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+    split = args.split or str(config.likelihood.split)
+    if args.num_batches is not None and args.num_batches <= 0:
+        raise UserError(f"--num_batches must be positive, got {args.num_batches}")
+    num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
+    report = evaluate(config, sde, score_fn, split, num_batches, device)
+    report["step"] = step
+    print(format_report(report))
+    path = os.path.join(checkpoint_dir(workdir), f"likelihood_{split}.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2, sort_keys=True)
+    print(f"wrote {path}")
+    return 0
