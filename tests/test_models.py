@@ -14,6 +14,15 @@ from models.ema import ExponentialMovingAverage
 from sde_lib import VESDE, VPSDE, subVPSDE
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks gain nothing from threads, and on a busy machine OpenMP spin-waits cost 10-100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class Recorder(nn.Module):
     """A fake network: output = 2 x + 1 (any shape), remembering the labels it was given."""
 
@@ -218,3 +227,228 @@ def test_ema_store_copy_restore_and_state_dict():
         assert torch.equal(a, b)
     with pytest.raises(ValueError):
         other.load_state_dict({"decay": 0.5, "num_updates": 0, "shadow_params": ema.shadow_params[:-1]})
+
+
+# --- U-Nets -----------------------------------------------------------------------------
+import itertools  # noqa: E402
+
+import scipy.signal  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from configs.default import get_default_config  # noqa: E402
+from models import fir  # noqa: E402
+from models.embeddings import positional_timesteps  # noqa: E402
+from models.layers import NIN, AttnBlock  # noqa: E402
+from models.ncsnv2 import InstanceNormPlus  # noqa: E402
+
+# Reference settings of the CIFAR-10 configs (docs/MODELS.md); parameter counts computed once with
+# these modules. The published reference layouts give the same numbers (see docs/MODELS.md).
+CIFAR = {
+    "ddpmpp_vp": (dict(name="ddpmpp", embedding_type="positional", num_res_blocks=4), "vpsde", True),
+    "ddpmpp_deep": (dict(name="ddpmpp", embedding_type="positional", num_res_blocks=8), "subvpsde", True),
+    "ncsnpp_ve": (dict(name="ncsnpp", embedding_type="fourier", fir=True, progressive_input="residual",
+                       scale_by_sigma=True, num_res_blocks=4), "vesde", False),
+    "ncsnpp_deep_ve": (dict(name="ncsnpp", embedding_type="fourier", fir=True, progressive_input="residual",
+                            scale_by_sigma=True, num_res_blocks=8), "vesde", False),
+    "ddpm": (dict(name="ddpm", num_res_blocks=2), "vpsde", True),
+    "ncsnv2": (dict(name="ncsnv2", nonlinearity="elu", scale_by_sigma=True), "vesde", False),
+}
+PARAM_COUNTS = {"ddpmpp_vp": 61_804_419, "ddpmpp_deep": 106_632_579, "ncsnpp_ve": 62_758_915,
+                "ncsnpp_deep_ve": 107_587_075, "ddpm": 35_218_947, "ncsnv2": 29_694_083}
+
+
+def image_config(model: dict, sde: str, centered: bool, **tiny):
+    config = get_default_config()
+    config.data.kind, config.data.image_size, config.data.num_channels = "image", 32, 3
+    config.data.centered = centered
+    config.sde.name = sde
+    config.model.dropout = 0.1
+    for key, value in {**model, **tiny}.items():
+        config.model[key] = value
+    return config
+
+
+@pytest.mark.parametrize("name", list(CIFAR))
+def test_cifar_parameter_counts(name):
+    with torch.device("meta"):  # counting needs no memory and no initialization
+        model = create_model(image_config(*CIFAR[name]))
+    assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", list(CIFAR))
+def test_unet_output_shape(name):
+    tiny = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1) if name != "ncsnv2" else dict(nf=8)
+    config = image_config(*CIFAR[name], **tiny)
+    model = create_model(config).eval()
+    x = torch.rand(2, 3, 32, 32)
+    labels = torch.tensor([0.05, 20.0]) if config.sde.name == "vesde" else torch.tensor([3.0, 900.0])
+    with torch.no_grad():
+        out = model(x, labels)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+PROGRESSIVE_CASES = [(p, pi, "sum") for p in ("none", "output_skip", "residual")
+                     for pi in ("none", "input_skip", "residual")] + [("output_skip", "input_skip", "cat"),
+                                                                      ("residual", "residual", "cat")]
+
+
+@pytest.mark.parametrize("progressive,progressive_input,combine", PROGRESSIVE_CASES)
+def test_ncsnpp_progressive_options(progressive, progressive_input, combine):
+    config = image_config(CIFAR["ncsnpp_ve"][0], "vesde", False, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                          progressive=progressive, progressive_input=progressive_input,
+                          progressive_combine=combine, attn_resolutions=(8,), init_scale=1.0)
+    config.data.image_size = 16
+    model = create_model(config)
+    out = model(torch.rand(2, 3, 16, 16), torch.tensor([0.1, 5.0]))
+    assert out.shape == (2, 3, 16, 16)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_scale_by_sigma_divides_network_output():
+    config = image_config(CIFAR["ncsnpp_ve"][0], "vesde", False, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                          init_scale=1.0)
+    scaled = create_model(config).eval()
+    config.model.scale_by_sigma = False
+    plain = create_model(config).eval()
+    plain.load_state_dict(scaled.state_dict())
+    x, sigma = torch.rand(2, 3, 32, 32), torch.tensor([0.3, 7.0])
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x, sigma), plain(x, sigma) / sigma[:, None, None, None])
+        # through get_score_fn the VE network output is the score itself
+        sde = VESDE(0.01, 50.0)
+        t = torch.tensor([0.2, 0.6])
+        torch.testing.assert_close(get_score_fn(sde, scaled)(x, t), scaled(x, sde.sigma(t)))
+
+
+def test_channels_last_and_bf16_autocast():
+    config = image_config(CIFAR["ddpmpp_vp"][0], "vpsde", True, nf=16, ch_mult=(1, 2), num_res_blocks=1,
+                          init_scale=1.0)
+    model = create_model(config).eval()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        ref = model(x, labels)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), labels)
+        torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, labels)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).norm() / ref.norm() < 0.05
+
+
+def test_attention_matches_direct_computation():
+    block = AttnBlock(8, skip_rescale=True, init_scale=1.0)
+    x = torch.randn(2, 8, 4, 4)
+    h = block.GroupNorm_0(x)
+    q, k, v = (torch.einsum("bchw,co->bohw", h, nin.W) + nin.b[:, None, None]
+               for nin in (block.NIN_0, block.NIN_1, block.NIN_2))
+    w = torch.einsum("bchw,bcij->bhwij", q, k).reshape(2, 4, 4, 16) / math.sqrt(8)
+    w = torch.softmax(w, dim=-1).reshape(2, 4, 4, 4, 4)
+    a = torch.einsum("bhwij,bcij->bchw", w, v)
+    expected = (x + torch.einsum("bchw,co->bohw", a, block.NIN_3.W) + block.NIN_3.b[:, None, None]) / math.sqrt(2)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    nin = NIN(8, 5)
+    torch.testing.assert_close(nin(x), torch.einsum("bchw,co->bohw", x, nin.W) + nin.b[:, None, None])
+
+
+def test_fir_resampling_against_scipy():
+    k1 = np.array([1.0, 3.0, 3.0, 1.0])
+    kernel = fir.make_kernel(k1).double()
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    img = x[0, 0].numpy()
+
+    def separable(fn, a):
+        rows = np.stack([fn(r) for r in a])
+        return np.stack([fn(c) for c in rows.T]).T
+
+    # upsampling: zero insertion and filtering with 2 k / sum(k); ours is the full result from index 1
+    up = separable(lambda v: scipy.signal.upfirdn(2 * k1 / k1.sum(), v, up=2), img)
+    np.testing.assert_allclose(fir.upsample_2d(x, kernel)[0, 0].numpy(), up[1:17, 1:17], atol=1e-12)
+    # downsampling: filtering with k / sum(k), every second sample, ours from index 1
+    down = separable(lambda v: scipy.signal.upfirdn(k1 / k1.sum(), v, down=2), img)
+    np.testing.assert_allclose(fir.downsample_2d(x, kernel)[0, 0].numpy(), down[1:5, 1:5], atol=1e-12)
+    # the box kernel [1, 1] gives nearest-neighbour upsampling and 2x2 average pooling
+    box = fir.make_kernel([1.0, 1.0]).double()
+    torch.testing.assert_close(fir.upsample_2d(x, box), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    torch.testing.assert_close(fir.downsample_2d(x, box), F.avg_pool2d(x, 2))
+
+
+def test_fused_fir_convolutions_equal_resample_then_convolve():
+    kernel = fir.make_kernel([1, 3, 3, 1]).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    # the fused ops pad once, so they agree with the two-step version away from the border
+    fused = fir.upsample_conv_2d(x, w, kernel)
+    assert fused.shape == (2, 5, 16, 16)
+    torch.testing.assert_close(fused[..., 2:-2, 2:-2],
+                               F.conv2d(fir.upsample_2d(x, kernel), w, padding=1)[..., 2:-2, 2:-2])
+    fused = fir.conv_downsample_2d(x, w, kernel)
+    assert fused.shape == (2, 5, 4, 4)
+    torch.testing.assert_close(fused[..., 1:-1, 1:-1],
+                               fir.downsample_2d(F.conv2d(x, w, padding=1), kernel)[..., 1:-1, 1:-1])
+
+
+def test_positional_ve_labels_are_reference_indices():
+    config = image_config({}, "vesde", False)
+    sde = VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
+    i = torch.tensor([0.0, 1.0, 500.0, 999.0], dtype=torch.float64)
+    # the reference indexes its sigmas from sigma_max (i = 0) down to sigma_min (i = N - 1)
+    steps = positional_timesteps(sde.discrete_sigmas(999.0 - i), config)
+    torch.testing.assert_close(steps, i)
+    config.sde.name = "vpsde"
+    assert positional_timesteps(i, config) is i
+
+
+def test_instance_norm_plus_formula():
+    norm = InstanceNormPlus(3)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64) * 2 + torch.tensor([0.0, 1.0, 3.0]).double()[:, None, None]
+    norm = norm.double()
+    mu = x.mean(dim=(2, 3))
+    sd = x.var(dim=(2, 3), unbiased=False).add(1e-5).sqrt()
+    spread = (mu - mu.mean(1, keepdim=True)) / mu.var(1, keepdim=True).add(1e-5).sqrt()  # unbiased, as NCSN
+    expected = (x - mu[..., None, None]) / sd[..., None, None] + spread[..., None, None] * norm.alpha[:, None, None]
+    expected = norm.gamma[:, None, None] * expected + norm.beta[:, None, None]
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_ncsnv2_divides_by_sigma_and_rejects_large_images():
+    config = image_config(CIFAR["ncsnv2"][0], "vesde", False, nf=8)
+    model = create_model(config).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x, torch.tensor([1.0, 1.0])), model(x, torch.tensor([2.0, 0.5]))
+    torch.testing.assert_close(b, a / torch.tensor([2.0, 0.5])[:, None, None, None])
+    config.data.image_size = 128
+    with pytest.raises(UserError, match="96"):
+        create_model(config)
+
+
+def test_unet_config_errors():
+    config = image_config(CIFAR["ddpmpp_vp"][0], "vpsde", True, progressive="sideways")
+    with pytest.raises(UserError, match="progressive"):
+        create_model(config)
+    config = image_config(CIFAR["ddpmpp_vp"][0], "vpsde", True, ch_mult=(1, 2, 2, 2, 2, 2, 2))
+    with pytest.raises(UserError, match="image_size"):
+        create_model(config)
+    config = image_config(CIFAR["ddpm"][0], "vpsde", True, nf=8)
+    with pytest.raises(UserError, match="groups"):
+        create_model(config)
+
+
+def test_parameter_names_and_order_follow_the_reference_layout():
+    # NCSN++ (VE): Fourier W, two embedding Dense layers, input conv, then a BigGAN block
+    config = image_config(CIFAR["ncsnpp_ve"][0], "vesde", False, nf=16, ch_mult=(1, 2), num_res_blocks=1)
+    names = [n for n, _ in create_model(config).named_parameters()]
+    assert names[:12] == ["all_modules.0.W", "all_modules.1.weight", "all_modules.1.bias", "all_modules.2.weight",
+                          "all_modules.2.bias", "all_modules.3.weight", "all_modules.3.bias",
+                          "all_modules.4.GroupNorm_0.weight", "all_modules.4.GroupNorm_0.bias",
+                          "all_modules.4.Conv_0.weight", "all_modules.4.Conv_0.bias", "all_modules.4.Dense_0.weight"]
+    # input pyramid with "residual": a FIR downsampling conv right after the downsampling BigGAN block
+    assert "all_modules.6.Conv2d_0.weight" in names and "all_modules.5.Conv_2.weight" in names
+    # DDPM: its blocks register both norms, both convs, the Dense layer, then the NIN shortcut
+    config = image_config(CIFAR["ddpm"][0], "vpsde", True, nf=32, ch_mult=(1, 2), num_res_blocks=1)
+    model = create_model(config)
+    block = model.all_modules[5]  # level 1 (16 px): 32 -> 64 channels
+    assert [n.rsplit(".", 1)[0] for n, _ in block.named_parameters()][::2] == [
+        "GroupNorm_0", "GroupNorm_1", "Conv_0", "Conv_1", "Dense_0", "NIN_0"]
+    assert isinstance(model.all_modules[6], AttnBlock)
