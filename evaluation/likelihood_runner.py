@@ -177,15 +177,17 @@ def run(config, workdir: str, args) -> int:
     from training.checkpoint import checkpoint_dir, restore_model
     from training.device import get_device
 
+    split = args.split or str(config.likelihood.split)
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if args.num_batches is not None and args.num_batches <= 0:
+        raise UserError(f"--num_batches must be positive, got {args.num_batches}")
     device = get_device(config)
     sde = get_sde(config)
     model, step = restore_model(config, workdir, device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)  # the divergence needs grads w.r.t. x only
     score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
-    split = args.split or str(config.likelihood.split)
-    if args.num_batches is not None and args.num_batches <= 0:
-        raise UserError(f"--num_batches must be positive, got {args.num_batches}")
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     report = evaluate(config, sde, score_fn, split, num_batches, device)
     report["step"] = step
