@@ -6,7 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny test problems: more threads only add overhead
 
 
 def pytest_collection_modifyitems(config, items):
