@@ -7,6 +7,9 @@ from errors import UserError
 from solvers.registry import SAMPLERS, register
 
 # Importing the sampler modules fills the table (each module registers its names).
+from solvers import pc, ald, ode, torchsde_sampler  # noqa: E402,F401  (em, pc, reverse_diffusion, ancestral, ald, ode*, sde_*)
+from solvers.ode import decode, encode  # noqa: E402
+from solvers import adaptive, ddim, dpm_solver, heun  # noqa: E402,F401  (adaptive, ddim, dpm*, heun)
 
 
 def available_solvers() -> list[str]:
@@ -26,4 +29,4 @@ def sample(sde, score_fn, shape, solver: str = "em", nfe: int | None = None, eps
     return SAMPLERS[solver](sde, score_fn, tuple(shape), nfe=nfe, eps=eps, x_T=x_T, generator=generator, **options)
 
 
-__all__ = ["sample", "available_solvers", "SAMPLERS", "register"]
+__all__ = ["sample", "available_solvers", "SAMPLERS", "register", "encode", "decode"]

@@ -1,0 +1,153 @@
+"""`--mode sample`: draw samples from the EMA weights of a run's latest checkpoint with any registered solver.
+
+Writes `samples/samples_{solver}_nfe{K}_seed{S}.npz` (key `samples`, in data space: float vectors for toys,
+uint8 NCHW images for image data), a JSON with the run's facts beside it and a PNG (scatter plot for 2-D
+data, image grid for images).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+# config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
+_SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
+                     "n_steps_each": "n_steps", "noise_removal": "noise_removal"}
+
+
+def sample_shape(config) -> tuple[int, ...]:
+    """Shape of one sample in the model's space: (dim,) for toy data, (C, H, W) for images."""
+    if config.data.get("kind", "toy") == "image":
+        return (int(config.data.num_channels), int(config.data.image_size), int(config.data.image_size))
+    return (int(config.data.dim),)
+
+
+def sampler_options(config, solver: str) -> dict:
+    """Options from config.sampling that the named sampler accepts (e.g. predictor/corrector/snr for pc)."""
+    from solvers import SAMPLERS
+
+    accepted = inspect.signature(SAMPLERS[solver]).parameters
+    options = {}
+    for key, name in _SAMPLING_OPTIONS.items():
+        if name in accepted and key in config.sampling:
+            options[name] = config.sampling[key]
+    return options
+
+
+def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, seed: int,
+             device: torch.device, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """num_samples samples (model space, on CPU) in batches of config.sampling.batch_size; and NFE per batch."""
+    from tqdm import tqdm
+
+    from solvers import available_solvers, sample
+
+    if solver not in available_solvers():
+        raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
+    batch_size = int(config.sampling.batch_size)
+    if batch_size <= 0:
+        raise UserError(f"config.sampling.batch_size must be positive, got {batch_size}")
+    options = sampler_options(config, solver)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    shape = sample_shape(config)
+    chunks, nfes = [], []
+    sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
+    with torch.no_grad():
+        for size in tqdm(sizes, desc=f"sampling ({solver})", disable=not progress or len(sizes) < 2):
+            x, used = sample(sde, score_fn, (size,) + shape, solver=solver, nfe=nfe,
+                             eps=float(config.sampling.eps), generator=generator, **options)
+            chunks.append(x.float().cpu())
+            nfes.append(int(used))
+    return torch.cat(chunks), nfes
+
+
+def to_data_space(config, x: torch.Tensor) -> np.ndarray:
+    """Model-space samples -> data space: vectors unchanged, images to uint8 (N, C, H, W)."""
+    from data.transforms import get_data_inverse_scaler
+
+    x = get_data_inverse_scaler(config)(x)
+    if config.data.get("kind", "toy") == "image":
+        return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    return x.numpy()
+
+
+def load_score_fn(config, workdir: str, device: torch.device):
+    """(sde, score_fn, step) from the EMA weights of the latest checkpoint in workdir."""
+    import models
+    from sde_lib import get_sde
+    from training.checkpoint import restore_model
+
+    sde = get_sde(config)
+    model, step = restore_model(config, workdir, device)
+    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+    return sde, score_fn, step
+
+
+def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | None:
+    """Scatter plot (2-D data, with reference toy samples) or image grid (images); None for other data."""
+    from evaluation.figures import save_image_grid, save_scatter
+
+    if config.data.get("kind", "toy") == "image":
+        return save_image_grid(path, samples[:64])
+    if samples.ndim == 2 and samples.shape[1] == 2:
+        reference = None
+        try:
+            from data.toys import sample_toy
+            reference = sample_toy(str(config.data.dataset), min(len(samples), 5000),
+                                   generator=torch.Generator().manual_seed(0))
+        except ValueError:
+            pass
+        return save_scatter(path, samples, reference=reference, title=title)
+    return None
+
+
+def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
+    """Samples in data space from the latest checkpoint, with args.solver/nfe/num_samples or config.sampling's.
+
+    Returns (samples, facts) where facts holds solver, NFE requested/used, seed, step, device and timing.
+    """
+    from training.device import get_device
+
+    solver = getattr(args, "solver", None) or str(config.sampling.solver)
+    nfe = getattr(args, "nfe", None) or int(config.sampling.nfe)
+    num_samples = getattr(args, "num_samples", None) or int(config.sampling.num_samples)
+    seed = int(config.seed)
+    device = get_device(config)
+    sde, score_fn, step = load_score_fn(config, workdir, device)
+    start = time.time()
+    x, nfes = generate(config, sde, score_fn, solver, nfe, num_samples, seed, device)
+    elapsed = time.time() - start
+    facts = {
+        "solver": solver, "nfe_requested": nfe, "nfe_used": max(nfes), "nfe_used_per_batch": nfes,
+        "num_samples": num_samples, "seed": seed, "checkpoint_step": step,
+        "config": str(getattr(args, "config", "") or ""), "dataset": str(config.data.dataset),
+        "sde": str(config.sde.name), "options": sampler_options(config, solver),
+        "eps": float(config.sampling.eps), "device": str(device), "seconds": round(elapsed, 3),
+        "samples_per_second": round(num_samples / max(elapsed, 1e-9), 2),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return to_data_space(config, x), facts
+
+
+def run(config, workdir: str, args) -> int:
+    """Sample with args.solver/nfe/num_samples (or config.sampling's) and write npz + JSON + PNG."""
+    samples, info = sample_from_run(config, workdir, args)
+    if not np.isfinite(samples.astype(np.float64)).all():
+        print(f"warning: {int((~np.isfinite(samples)).sum())} non-finite values in the samples")
+    info["layout"] = "uint8 NCHW" if config.data.get("kind", "toy") == "image" else "float32 (N, dim)"
+    folder = os.path.join(workdir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, f"samples_{info['solver']}_nfe{info['nfe_requested']}_seed{info['seed']}")
+    np.savez_compressed(stem + ".npz", samples=samples)
+    with open(stem + ".json", "w") as f:
+        json.dump(info, f, indent=2)
+    figure = save_figure(config, stem + ".png", samples,
+                         f"{info['solver']}, NFE {info['nfe_used']}, step {info['checkpoint_step']}")
+    print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} of {info['nfe_requested']}) "
+          f"in {info['seconds']:.1f}s -> {stem}.npz" + (f", {figure}" if figure else ""))
+    return 0

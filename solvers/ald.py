@@ -1,0 +1,21 @@
+"""Annealed Langevin dynamics of NCSN (Song & Ermon, 2019, alg. 1) as a sampler for (discrete) VE models."""
+from __future__ import annotations
+
+from solvers.common import VE_ONLY, require_sde
+from solvers.pc import pc_sample
+from solvers.registry import register
+
+
+@register("ald")
+def ald_sample(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, n_steps: int = 2,
+               step_eps: float | None = None, noise_removal: bool = True, denoise: bool = True,
+               device=None, dtype=None):
+    """n_steps Langevin steps at each of L noise levels sigma(t), t = T..eps, step eps sigma_i^2 / sigma_L^2.
+
+    The budget buys L = (nfe - denoise) // n_steps levels; `denoise` adds the final Tweedie step (NCSNv2).
+    Returns (samples, nfe_used).
+    """
+    require_sde(sde, VE_ONLY, "ald")
+    return pc_sample(sde, score_fn, shape, nfe=nfe, eps=eps, x_T=x_T, generator=generator, predictor="none",
+                     corrector="ald", n_steps=n_steps, step_eps=step_eps, noise_removal=noise_removal,
+                     denoise=denoise, device=device, dtype=dtype, name="ald")
