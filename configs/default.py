@@ -32,7 +32,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "mlp"
-    model.hidden_dim = 256
+    model.hidden_dim = 128  # MLP width (toy main job: ~2 min on two CPU cores)
     model.num_layers = 3
     model.embedding_dim = 64
     model.ema_rate = 0.999
@@ -65,17 +65,23 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.likelihood_weighting = False
     training.importance_sampling = False
     training.eps = 1e-5  # smallest t used by the loss
-    training.batch_size = 512
-    training.n_iters = 4000
+    training.batch_size = 256
+    training.n_iters = 2000
     training.lr = 2e-3
     training.weight_decay = 0.0
     training.warmup = 100
     training.grad_clip = 1.0
     training.log_every = 100
-    training.snapshot_every = 1000
-    training.sample_every = 2000
+    training.snapshot_every = 500
+    training.sample_every = 0  # 0: sample figure at the end only
     training.bf16 = True  # autocast on CUDA only; CPU trains in float32
     training.compile = False
+    # "auto": continuous DSM, or DDPM (VP) / SMLD (VE) when training.continuous is false; "ssm": sliced SM
+    training.loss = "auto"
+    training.n_projections = 1  # random projections per sample for sliced score matching
+    training.plot_samples = 2000  # samples drawn for the figure at sample_every and at the end (0: none)
+    training.data_on_device = True  # keep uint8 images on the GPU and dequantize/flip there
+    training.progress = True  # tqdm bar
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.solver = "em"

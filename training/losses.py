@@ -1,0 +1,222 @@
+"""Score-matching objectives: weighted denoising score matching in continuous time (with likelihood
+weighting and importance sampling of t), the discrete DDPM and SMLD/NCSN losses, and sliced score matching.
+
+Every loss takes a `score_fn(x, t)` (t continuous in [0, T], a (batch,) tensor), so an exact analytic score
+can stand in for a network. Conventions follow Song et al. (2021): per-sample squared errors are summed over
+data dimensions (or averaged with reduce_mean) and averaged over the batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from errors import UserError
+from sde_lib import SDE, VESDE, VPSDE, broadcast_to, subVPSDE
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSS_NAMES = ("dsm", "ddpm", "smld", "ssm")
+
+
+def _reduce(per_dim: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
+    """Sum (or mean) over all non-batch dimensions: (batch, ...) -> (batch,)."""
+    flat = per_dim.reshape(per_dim.shape[0], -1)
+    return flat.mean(dim=1) if reduce_mean else flat.sum(dim=1)
+
+
+def _uniform_time(n: int, eps: float, T: float, x: torch.Tensor, generator) -> torch.Tensor:
+    u = torch.rand(n, generator=generator, device=x.device, dtype=torch.float32)
+    return (eps + (T - eps) * u).to(x.dtype)
+
+
+def _normal_like(x: torch.Tensor, generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class ImportanceTimeSampler:
+    """Draws t on [eps, T] with density q(t) proportional to g(t)^2 / sigma(t)^2 (Song, Durkan et al., 2021, sec. 5.1).
+
+    Under q the likelihood-weighted DSM integrand g^2 ||s + z/sigma||^2 / q(t) becomes Z ||sigma s + z||^2 with the
+    constant Z = int_eps^T g^2/sigma^2 dt, which removes most of the variance from the small-t end.
+    The inverse CDF is tabulated once (float64, trapezoid rule on a geometric grid in t).
+    """
+
+    def __init__(self, sde: SDE, eps: float, grid_size: int = 8193):
+        if not 0 < eps < sde.T:
+            raise UserError(f"training.eps must be in (0, T={sde.T}), got {eps}")
+        t = torch.exp(torch.linspace(math.log(eps), math.log(sde.T), grid_size, dtype=torch.float64))
+        density = self._density(sde, t)
+        increments = 0.5 * (density[1:] + density[:-1]) * torch.diff(t)
+        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(increments, 0)])
+        self.normalizer = float(cdf[-1])  # Z
+        self.grid = t
+        self.cdf = cdf / cdf[-1]
+        self.eps, self.T = float(eps), float(sde.T)
+
+    @staticmethod
+    def _density(sde: SDE, t: torch.Tensor) -> torch.Tensor:
+        x = torch.zeros(t.shape[0], 1, dtype=torch.float64)
+        _, g = sde.sde(x, t)
+        return g ** 2 / sde.marginal_std(t) ** 2
+
+    def inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
+        """t with CDF(t) = u, by linear interpolation in the table (u in [0, 1], any device)."""
+        u64 = u.detach().to("cpu", torch.float64).clamp(0.0, 1.0)
+        idx = torch.searchsorted(self.cdf, u64).clamp(1, self.cdf.numel() - 1)
+        c0, c1 = self.cdf[idx - 1], self.cdf[idx]
+        t0, t1 = self.grid[idx - 1], self.grid[idx]
+        frac = torch.where(c1 > c0, (u64 - c0) / (c1 - c0), torch.zeros_like(u64))
+        return (t0 + frac * (t1 - t0)).to(u.device)
+
+    def sample(self, n: int, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """n draws of t from q, on x's device and dtype."""
+        u = torch.rand(n, generator=generator, device=x.device, dtype=torch.float32)
+        return self.inverse_cdf(u).to(x.dtype)
+
+    def weight(self) -> float:
+        """Factor Z / (T - eps) that makes the estimate's mean equal the uniform-t likelihood-weighted loss."""
+        return self.normalizer / (self.T - self.eps)
+
+
+def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5, reduce_mean: bool = False,
+             likelihood_weighting: bool = False, importance_sampler: ImportanceTimeSampler | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continuous-time weighted DSM (Song et al., 2021, eq. 7), t ~ U[eps, T].
+
+    lambda(t) = sigma(t)^2 (default): E ||sigma s(x_t, t) + z||^2;
+    likelihood weighting lambda = g(t)^2: E g^2 ||s + z / sigma||^2 (Song, Durkan et al., 2021, eq. 9);
+    with `importance_sampler`, t ~ q(t) and the estimate keeps the same mean.
+    """
+    n = x0.shape[0]
+    if importance_sampler is not None:
+        if not likelihood_weighting:
+            raise UserError("importance sampling of t is defined for the likelihood weighting only "
+                            "(set training.likelihood_weighting=true)")
+        t = importance_sampler.sample(n, x0, generator)
+    else:
+        t = _uniform_time(n, eps, sde.T, x0, generator)
+    z = _normal_like(x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    x_t = mean + broadcast_to(std, x0) * z
+    score = score_fn(x_t, t)
+    if importance_sampler is not None:
+        losses = _reduce((score * broadcast_to(std, x0) + z) ** 2, reduce_mean) * importance_sampler.weight()
+    elif likelihood_weighting:
+        _, g = sde.sde(x0, t)
+        losses = _reduce((score + z / broadcast_to(std, x0)) ** 2, reduce_mean) * g ** 2
+    else:
+        losses = _reduce((score * broadcast_to(std, x0) + z) ** 2, reduce_mean)
+    return losses.mean()
+
+
+def _step_times(sde: SDE, n: int, x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform step indices i in 0..N-1 and their grid times t_i = i T / (N - 1) (sde_lib's index convention)."""
+    if sde.N < 2:
+        raise UserError(f"discrete losses need sde.num_scales >= 2, got {sde.N}")
+    i = torch.randint(0, sde.N, (n,), generator=generator, device=x.device)
+    return i, i.to(x.dtype) * (sde.T / (sde.N - 1))
+
+
+def ddpm_alpha_bar(sde: VPSDE, i: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_i = prod_{j <= i} (1 - beta_j) of DDPM's chain (Ho et al., 2020, eq. 4), float64."""
+    betas = sde.discrete_betas(torch.arange(sde.N, dtype=torch.float64))
+    return torch.exp(torch.cumsum(torch.log1p(-betas), 0))[i.cpu()].to(i.device)
+
+
+def ddpm_loss(score_fn: ScoreFn, sde: VPSDE, x0: torch.Tensor, *, reduce_mean: bool = True,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDPM's simple loss E ||eps_theta(x_i, i) - z||^2 (Ho et al., 2020, eq. 14) with eps_theta = -std_i s."""
+    if not isinstance(sde, VPSDE) or isinstance(sde, subVPSDE):
+        raise UserError("the discrete DDPM loss needs the VP SDE (sde.name='vpsde')")
+    i, t = _step_times(sde, x0.shape[0], x0, generator)
+    alpha_bar = ddpm_alpha_bar(sde, i).to(x0.dtype)
+    std = torch.sqrt(1.0 - alpha_bar)
+    z = _normal_like(x0, generator)
+    x_i = broadcast_to(torch.sqrt(alpha_bar), x0) * x0 + broadcast_to(std, x0) * z
+    score = score_fn(x_i, t)
+    return _reduce((score * broadcast_to(std, x0) + z) ** 2, reduce_mean).mean()
+
+
+def smld_loss(score_fn: ScoreFn, sde: VESDE, x0: torch.Tensor, *, reduce_mean: bool = False,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """NCSN's loss with lambda(sigma_i) = sigma_i^2: E 1/2 ||sigma_i s(x0 + sigma_i z) + z||^2 (Song & Ermon, 2019, eq. 6)."""
+    if not isinstance(sde, VESDE):
+        raise UserError("the discrete SMLD/NCSN loss needs the VE SDE (sde.name='vesde')")
+    i, t = _step_times(sde, x0.shape[0], x0, generator)
+    sigma = sde.discrete_sigmas(i.to(x0.dtype))
+    z = _normal_like(x0, generator)
+    x_i = x0 + broadcast_to(sigma, x0) * z
+    score = score_fn(x_i, t)
+    return 0.5 * _reduce((score * broadcast_to(sigma, x0) + z) ** 2, reduce_mean).mean()
+
+
+def sliced_score_matching_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5,
+                               reduce_mean: bool = False, n_projections: int = 1,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise-conditional sliced score matching (Song et al., 2019, SSM-VR), weighted by sigma(t)^2.
+
+    For x_t ~ p_t: E_v [v^T grad_x (v^T s) + ||s||^2 / 2] with v ~ N(0, I); at s = grad log p_t it equals
+    -E ||grad log p_t||^2 / 2. Needs no perturbation kernel, only samples of x_t; costs one extra backward pass.
+    """
+    if n_projections < 1:
+        raise UserError(f"training.n_projections must be >= 1, got {n_projections}")
+    n = x0.shape[0]
+    t = _uniform_time(n, eps, sde.T, x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    x_t = (mean + broadcast_to(std, x0) * _normal_like(x0, generator)).detach().requires_grad_(True)
+    score = score_fn(x_t, t)
+    total = 0.5 * _reduce(score ** 2, reduce_mean)
+    for _ in range(n_projections):
+        v = _normal_like(x0, generator)
+        (grad_v,) = torch.autograd.grad((score * v).sum(), x_t, create_graph=True)
+        total = total + _reduce(grad_v * v, reduce_mean) / n_projections
+    return (total * std ** 2).mean()
+
+
+def resolve_loss_name(config, sde: SDE) -> str:
+    """training.loss, with "auto" = dsm for continuous training, ddpm (VP) or smld (VE) for discrete."""
+    name = str(config.training.get("loss", "auto")).lower()
+    if name == "auto":
+        if config.training.continuous:
+            return "dsm"
+        if isinstance(sde, VESDE):
+            return "smld"
+        if isinstance(sde, VPSDE) and not isinstance(sde, subVPSDE):
+            return "ddpm"
+        raise UserError("discrete training (training.continuous=false) needs the VP or VE SDE; "
+                        "sub-VP has no discrete chain")
+    if name not in LOSS_NAMES:
+        raise UserError(f"unknown training.loss {name!r}; valid: auto, {', '.join(LOSS_NAMES)}")
+    return name
+
+
+def get_loss_fn(config, sde: SDE) -> Callable[[ScoreFn, torch.Tensor, torch.Generator | None], torch.Tensor]:
+    """loss_fn(score_fn, x0, generator) -> scalar loss, as config.training describes."""
+    tr = config.training
+    name = resolve_loss_name(config, sde)
+    eps, reduce_mean = float(tr.eps), bool(tr.reduce_mean)
+    if not 0 < eps < sde.T:
+        raise UserError(f"training.eps must be in (0, T={sde.T}), got {eps}")
+    if name == "dsm":
+        sampler = ImportanceTimeSampler(sde, eps) if tr.get("importance_sampling", False) else None
+        if sampler is not None and not tr.likelihood_weighting:
+            raise UserError("training.importance_sampling=true needs training.likelihood_weighting=true")
+
+        def loss_fn(score_fn, x0, generator=None):
+            return dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean,
+                            likelihood_weighting=bool(tr.likelihood_weighting), importance_sampler=sampler,
+                            generator=generator)
+    elif name == "ddpm":
+        def loss_fn(score_fn, x0, generator=None):
+            return ddpm_loss(score_fn, sde, x0, reduce_mean=reduce_mean, generator=generator)
+    elif name == "smld":
+        def loss_fn(score_fn, x0, generator=None):
+            return smld_loss(score_fn, sde, x0, reduce_mean=reduce_mean, generator=generator)
+    else:
+        n_projections = int(tr.get("n_projections", 1))
+
+        def loss_fn(score_fn, x0, generator=None):
+            return sliced_score_matching_loss(score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean,
+                                              n_projections=n_projections, generator=generator)
+    return loss_fn
