@@ -1,0 +1,6 @@
+"""Published checkpoint `ve/cifar10_ncsnpp_continuous` of Song et al. (2021): NCSN++ cont. (VE SDE), Gaussian Fourier features of log sigma."""
+from configs._ssde_cifar10 import ssde_cifar10_config
+
+
+def get_config():
+    return ssde_cifar10_config("vesde", "ncsnpp", continuous=True, deep=False)
