@@ -65,8 +65,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.likelihood_weighting = False
     training.importance_sampling = False
     training.eps = 1e-5  # smallest t used by the loss
-    training.batch_size = 256
-    training.n_iters = 2000
+    training.batch_size = 512
+    training.n_iters = 3000
     training.lr = 2e-3
     training.weight_decay = 0.0
     training.warmup = 100

@@ -138,9 +138,12 @@ def _sample_figure(config, sde, state: _State, workdir: str, device: torch.devic
     model.eval()
     try:
         score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+        from evaluation.sample_runner import sampler_options
+
         with torch.no_grad():
             samples, nfe = solvers.sample(sde, score_fn, shape, solver=solver, nfe=int(config.sampling.nfe),
-                                          eps=float(config.sampling.eps), generator=generator)
+                                          eps=float(config.sampling.eps), generator=generator,
+                                          **sampler_options(config, solver))
     finally:
         state.ema.restore(model)
         model.train()
