@@ -1,0 +1,253 @@
+"""Sample quality against NFE for every solver, on an exact analytic target or a trained toy checkpoint.
+
+    python scripts/compare_solvers.py                       # mix64 under the VP SDE, exact score
+    python scripts/compare_solvers.py --target ring2d --sde ve
+    python scripts/compare_solvers.py --config vp_toy --workdir runs/vp_toy   # a trained model
+
+Fixed-step solvers get each NFE budget; adaptive ones (those taking `rtol`) get a sweep of tolerances and
+report the NFE they used. Quality: sliced Wasserstein-2 distance to exact samples (its noise floor is the
+distance between two exact sample sets of the same size), mode-weight TV error and mean log-density gap
+E_true[log p] - E_samples[log p] (mixtures only). Writes CSV, markdown and a PNG plot to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from errors import UserError  # noqa: E402
+from evaluation.metrics import mixture_report  # noqa: E402
+from solvers import SAMPLERS, available_solvers, sample  # noqa: E402
+
+DEFAULT_BUDGETS = (10, 20, 50, 100, 250, 1000)
+# Adaptive solvers: tolerance settings instead of budgets (rtol = atol for the ODE solvers; rtol for `adaptive`).
+TOLERANCES = {"ode": (1e-2, 1e-3, 1e-4, 1e-5), "ode_scipy": (1e-3, 1e-5), "adaptive": (0.1, 0.05, 0.02, 0.01)}
+METRICS = ("sw2", "mode_tv", "logp_gap")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="mix64", help="analytic mixture: ring2d, grid2d or mix64")
+    parser.add_argument("--sde", default="vp", choices=("vp", "subvp", "ve"))
+    parser.add_argument("--config", default=None, help="with --workdir: compare on a trained checkpoint")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--solvers", default="all", help="comma-separated names, or 'all' (those valid for the SDE)")
+    parser.add_argument("--nfe", default=",".join(map(str, DEFAULT_BUDGETS)), help="comma-separated budgets")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="docs/solver_comparison", help="output prefix (.csv, .md, .png)")
+    return parser.parse_args(argv)
+
+
+def analytic_target(name: str, sde_name: str):
+    """(mixture, sde, score_fn) for an analytic mixture under the named SDE (VE: sigma_max = 50 for mix64)."""
+    from data.mixtures import toy_mixture
+    from sde_lib import VESDE, VPSDE, subVPSDE
+
+    try:
+        mixture = toy_mixture(name)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    sde = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE(0.01, 50.0 if mixture.dim > 2 else 20.0)}[sde_name]
+    return mixture, sde, mixture.score_fn(sde)
+
+
+def settings_for(solver: str, budgets) -> list[tuple[str, int | None, dict]]:
+    """(label, nfe, options) runs of one solver: budgets, or tolerances for adaptive solvers."""
+    if "rtol" in inspect.signature(SAMPLERS[solver]).parameters and solver in TOLERANCES:
+        runs = []
+        for tol in TOLERANCES[solver]:
+            options = {"rtol": tol} if solver == "adaptive" else {"rtol": tol, "atol": tol}
+            runs.append((f"tol={tol:g}", None, options))
+        return runs
+    return [(f"nfe={b}", b, {}) for b in budgets]
+
+
+def run_one(sde, score_fn, shape, solver, nfe, options, seed):
+    """(samples, nfe_used, seconds) or (None, message, seconds) when the setting is not valid."""
+    start = time.time()
+    try:
+        with torch.no_grad():
+            x, used = sample(sde, score_fn, shape, solver=solver, nfe=nfe,
+                             generator=torch.Generator().manual_seed(seed), **options)
+    except UserError as error:
+        return None, str(error), time.time() - start
+    return x, int(used), time.time() - start
+
+
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.2e}"
+
+
+def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budgets) -> None:
+    """Pivot tables (solver x budget) per metric, adaptive solvers' rows, and the noise floor."""
+    fixed = [r for r in rows if r["setting"].startswith("nfe=")]
+    adaptive = [r for r in rows if not r["setting"].startswith("nfe=")]
+    solvers = list(dict.fromkeys(r["solver"] for r in fixed if r["nfe_used"] is not None))
+    lines = [header, ""]
+    names = {"sw2": "SW-2 to exact samples", "mode_tv": "mode-weight TV", "logp_gap": "mean log-density gap"}
+    for metric in METRICS:
+        if all(r.get(metric) is None for r in rows):
+            continue
+        lines += [f"#### {names[metric]} (noise floor {_fmt(floor.get(metric))}); cells: value (NFE used)", ""]
+        lines.append("| solver | " + " | ".join(str(b) for b in budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for solver in solvers:
+            cells = []
+            for b in budgets:
+                match = [r for r in fixed if r["solver"] == solver and r["nfe_requested"] == b]
+                r = match[0] if match else None
+                if r is None or r["nfe_used"] is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{_fmt(r[metric])} ({r['nfe_used']})")
+            lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if adaptive:
+        lines += ["#### Adaptive solvers (tolerance sweep)", "",
+                  "| solver | setting | NFE used | " + " | ".join(names[m] for m in METRICS) + " | seconds |",
+                  "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+        for r in adaptive:
+            lines.append(f"| {r['solver']} | {r['setting']} | {r['nfe_used']} | "
+                         + " | ".join(_fmt(r.get(m)) for m in METRICS) + f" | {r['seconds']:.2f} |")
+        lines.append("")
+    skipped = sorted({(r["solver"], r["note"]) for r in rows if r.get("note")})
+    if skipped:
+        lines += ["Not run (the solver refused the setting):", ""]
+        lines += [f"- {s} ({n})" for s, n in skipped]
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
+    """Quality against NFE used, one line per solver, noise floors dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    cmap = plt.get_cmap("tab20")
+    for ax, metric in zip(axes[0], metrics):
+        for k, solver in enumerate(solvers):
+            pts = sorted((r["nfe_used"], abs(r[metric])) for r in rows
+                         if r["solver"] == solver and r.get(metric) is not None and r["nfe_used"]
+                         and math.isfinite(r[metric]))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=solver, color=cmap(k % 20))
+        if floor.get(metric) is not None:
+            ax.axhline(abs(floor[metric]), color="k", ls="--", lw=1, label="noise floor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE used")
+        ax.set_ylabel(("|%s|" % metric) if metric == "logp_gap" else metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.nfe.split(",") if b]
+    n = args.num_samples
+    g_ref = torch.Generator().manual_seed(10_000 + args.seed)
+    if args.workdir:
+        import configs
+        from evaluation.sample_runner import load_score_fn
+        if not args.config:
+            raise UserError("--workdir needs --config")
+        config = configs.get_config(args.config)
+        sde, score_fn, step = load_score_fn(config, args.workdir, torch.device("cpu"))
+        if config.data.get("kind", "toy") == "image":
+            raise UserError("image checkpoints: no sample-quality metric is available here "
+                            "(FID/KID need Inception weights); use --mode likelihood for bits/dim")
+        from data.mixtures import TOY_MIXTURES, toy_mixture
+        from data.toys import sample_toy
+        name = str(config.data.dataset)
+        mixture = toy_mixture(name) if name in TOY_MIXTURES else None
+        reference = sample_toy(name, n, generator=g_ref, dtype=torch.float64)
+        second = sample_toy(name, n, generator=g_ref, dtype=torch.float64)
+        what = f"trained checkpoint {args.workdir} (config {args.config}, step {step}), data {name}"
+        dim = reference.shape[1]
+    else:
+        mixture, sde, score_fn = analytic_target(args.target, args.sde)
+        reference = mixture.sample(n, generator=g_ref, dtype=torch.float64)
+        second = mixture.sample(n, generator=g_ref, dtype=torch.float64)
+        what = f"analytic target {args.target} under the {type(sde).__name__} (exact score)"
+        dim = mixture.dim
+
+    def quality(x: torch.Tensor) -> dict:
+        if mixture is not None:
+            return mixture_report(x.double(), mixture, reference, seed=args.seed, logp_reference=big_reference)
+        from evaluation.metrics import sliced_wasserstein
+        return {"sw2": sliced_wasserstein(x.double(), reference, generator=torch.Generator().manual_seed(args.seed)),
+                "mode_tv": None, "logp_gap": None}
+
+    # E_true[log p] from many exact draws (cheap: no solver), so the gap's noise is the samples' alone
+    big_reference = mixture.sample(50_000, generator=g_ref, dtype=torch.float64) if mixture is not None else None
+    floor = quality(second)
+    names = available_solvers() if args.solvers == "all" else args.solvers.split(",")
+    rows = []
+    total = time.time()
+    for solver in names:
+        if solver not in SAMPLERS:
+            raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
+        for label, nfe, options in settings_for(solver, budgets):
+            x, used, seconds = run_one(sde, score_fn, (n, dim), solver, nfe, options, args.seed + 1)
+            row = {"solver": solver, "setting": label, "nfe_requested": nfe, "seconds": seconds}
+            if x is None:
+                row.update({"nfe_used": None, "note": used, **{m: None for m in METRICS}})
+                if "not valid for" in used:
+                    rows.append(row)
+                    print(f"{solver:14s} skipped: {used}", flush=True)
+                    break
+            else:
+                row.update({"nfe_used": used, "note": "", **quality(x.float())})
+            rows.append(row)
+            print(f"{solver:14s} {label:10s} NFE {str(row['nfe_used']):>5s} "
+                  + " ".join(f"{m}={_fmt(row[m])}" for m in METRICS) + f"  {seconds:.1f}s", flush=True)
+    total = time.time() - total
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["solver", "setting", "nfe_requested", "nfe_used", *METRICS,
+                                               "seconds", "note"])
+        writer.writeheader()
+        writer.writerow({"solver": "noise_floor", "setting": "exact vs exact", **floor})
+        for r in rows:
+            writer.writerow(r)
+    command = "python scripts/compare_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"### {what}\n\n`{command}` — {n} samples per run, seed {args.seed}, "
+              f"{time.strftime('%Y-%m-%d', time.gmtime())}, {platform.machine()} CPU, "
+              f"{args.threads} thread(s), torch {torch.__version__}; total {total:.0f} s.")
+    write_markdown(args.out + ".md", rows, floor, header, budgets)
+    write_plot(args.out + ".png", rows, floor, what)
+    print(f"noise floor: " + " ".join(f"{m}={_fmt(floor[m])}" for m in METRICS))
+    print(f"wrote {args.out}.csv, {args.out}.md, {args.out}.png in {total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
