@@ -218,6 +218,16 @@ def test_reference_names_and_shapes_match_ours(name, overrides):
     assert not models.create_model(config).state_dict().keys() - {n for n, _, _ in ref}  # no persistent buffers
 
 
+@pytest.mark.parametrize("name", [n for n in configs.available_configs() if n.startswith("ssde_")])
+def test_full_size_published_networks_have_the_reference_tensors(name):
+    """Every published CIFAR-10 network, at full size (built on the meta device: no memory, no time)."""
+    config = configs.get_config(name)
+    with torch.device("meta"):
+        model = models.create_model(config)
+    ours = [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+    assert sorted(ours) == sorted(reference_params_for(config))
+
+
 @pytest.mark.parametrize("name", [VE_CONT, VP_CONT])
 def test_ncsnpp_parameter_order_is_the_reference_order(name):
     config = tiny_config(name)
