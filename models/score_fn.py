@@ -44,7 +44,7 @@ def noise_labels(sde: SDE, t: torch.Tensor, x: torch.Tensor, continuous: bool = 
     if isinstance(sde, VPSDE):
         if continuous or isinstance(sde, subVPSDE):
             return t * VP_LABEL_SCALE
-        return sde.discrete_index(t, x).to(t.dtype)
+        return t * (sde.N - 1)  # the reference feeds the unrounded step position t (N-1)
     if isinstance(sde, VESDE):
         if continuous:
             return sde.sigma(t)
@@ -57,7 +57,7 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True) -> ScoreFn
 
     VP / sub-VP: the network predicts the noise eps in x(t) = alpha(t) x(0) + std(t) eps, so the score
     is -eps_theta / std(t) (Song et al., 2021, app. C). Continuous: labels 999 t and std = marginal std;
-    discrete (continuous=False, VP only): labels = step index i and std = DDPM's sqrt(1 - alpha_bar_i).
+    discrete (continuous=False, VP only): labels = t (N-1) (the step index on the grid) and std = DDPM's sqrt(1 - alpha_bar_i).
     sub-VP has no discrete chain and always uses the continuous convention.
     VE: the network output is the score itself (it divides by sigma internally when configured);
     labels are sigma(t) (continuous) or SMLD's sigma_i at the step index (discrete).
@@ -72,8 +72,8 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True) -> ScoreFn
         def vp_score_fn(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
             t = _time(t, x)
             if discrete:
-                index = sde.discrete_index(t, x)
-                labels, std = index.to(t.dtype), discrete_vp_std(sde, index, t.dtype)
+                labels = t * (sde.N - 1)  # equals the step index i on the grid t = i / (N-1)
+                std = discrete_vp_std(sde, sde.discrete_index(t, x), t.dtype)
             else:
                 labels, std = t * VP_LABEL_SCALE, sde.marginal_std(t)
             out = model(x, labels)
