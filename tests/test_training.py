@@ -282,3 +282,24 @@ def test_ddp_gloo_two_processes_keep_replicas_identical(tmp_path):
     init = models.create_model(tiny_config()).state_dict()
     assert any(not torch.equal(init[k], a[k]) for k in a)
     assert load_checkpoint(checkpoint_path(workdir))["step"] == 6
+
+
+def test_image_run_writes_a_sample_grid(tmp_path):
+    """The image path (digits, a small DDPM++, dequantization, uint8 stream) trains and writes an image grid."""
+    config = configs.get_config("vp_digits")
+    config.model.nf, config.model.num_res_blocks = 16, 1
+    config.training.batch_size, config.training.n_iters = 8, 2
+    config.training.log_every, config.training.snapshot_every = 1, 2
+    config.training.plot_samples, config.training.progress = 4, False
+    config.sampling.nfe = 3
+    config.device = "cpu"
+    result = train(config, str(tmp_path))
+    assert result.step == 2 and result.samples_path and os.path.isfile(result.samples_path)
+
+
+@pytest.mark.parametrize("overrides", [dict(likelihood_weighting=True, importance_sampling=True),
+                                       dict(loss="ssm"), dict(continuous=False)])
+def test_other_objectives_train(tmp_path, overrides):
+    config = tiny_config(n_iters=3, **overrides)
+    result = train(config, str(tmp_path))
+    assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))

@@ -60,14 +60,20 @@ class ImportanceTimeSampler:
         _, g = sde.sde(x, t)
         return g ** 2 / sde.marginal_std(t) ** 2
 
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cdf.device != device:  # move once, so that sampling never synchronises with the host
+            self.cdf, self.grid = self.cdf.to(device), self.grid.to(device)
+        return self.cdf, self.grid
+
     def inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
-        """t with CDF(t) = u, by linear interpolation in the table (u in [0, 1], any device)."""
-        u64 = u.detach().to("cpu", torch.float64).clamp(0.0, 1.0)
-        idx = torch.searchsorted(self.cdf, u64).clamp(1, self.cdf.numel() - 1)
-        c0, c1 = self.cdf[idx - 1], self.cdf[idx]
-        t0, t1 = self.grid[idx - 1], self.grid[idx]
+        """t with CDF(t) = u, by linear interpolation in the table (u in [0, 1], on u's device)."""
+        cdf, grid = self._tables(u.device)
+        u64 = u.detach().to(torch.float64).clamp(0.0, 1.0)
+        idx = torch.searchsorted(cdf, u64).clamp(1, cdf.numel() - 1)
+        c0, c1 = cdf[idx - 1], cdf[idx]
+        t0, t1 = grid[idx - 1], grid[idx]
         frac = torch.where(c1 > c0, (u64 - c0) / (c1 - c0), torch.zeros_like(u64))
-        return (t0 + frac * (t1 - t0)).to(u.device)
+        return t0 + frac * (t1 - t0)
 
     def sample(self, n: int, x: torch.Tensor, generator=None) -> torch.Tensor:
         """n draws of t from q, on x's device and dtype."""
@@ -120,8 +126,8 @@ def _step_times(sde: SDE, n: int, x: torch.Tensor, generator) -> tuple[torch.Ten
 
 def ddpm_alpha_bar(sde: VPSDE, i: torch.Tensor) -> torch.Tensor:
     """alpha_bar_i = prod_{j <= i} (1 - beta_j) of DDPM's chain (Ho et al., 2020, eq. 4), float64."""
-    betas = sde.discrete_betas(torch.arange(sde.N, dtype=torch.float64))
-    return torch.exp(torch.cumsum(torch.log1p(-betas), 0))[i.cpu()].to(i.device)
+    betas = sde.discrete_betas(torch.arange(sde.N, dtype=torch.float64, device=i.device))
+    return torch.exp(torch.cumsum(torch.log1p(-betas), 0))[i]
 
 
 def ddpm_loss(score_fn: ScoreFn, sde: VPSDE, x0: torch.Tensor, *, reduce_mean: bool = True,
