@@ -31,4 +31,4 @@ class DDPM(NCSNpp):
         with config.unlocked():
             for key, value in DDPM_FIXED.items():
                 config.model[key] = value
-        super().__init__(config, norm_groups=DDPM_GROUPS, ddpm_order=True)
+        super().__init__(config, norm_groups=DDPM_GROUPS)

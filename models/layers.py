@@ -163,24 +163,18 @@ class ResnetBlockDDPM(nn.Module):
 
     def __init__(self, act: nn.Module, in_ch: int, out_ch: int | None = None, temb_dim: int | None = None,
                  conv_shortcut: bool = False, dropout: float = 0.1, skip_rescale: bool = False,
-                 init_scale: float = 0.0, groups: int | None = None, ddpm_order: bool = False):
+                 init_scale: float = 0.0, groups: int | None = None):
         super().__init__()
         out_ch = out_ch or in_ch
-        # Registration order fixes the parameter order (and so an EMA's shadow list): the reference's
-        # DDPM block registers both norms, both convs, then Dense_0; its DDPM++ block goes in forward order.
+        # Registration order fixes the parameter order (and so an EMA's shadow list): forward order,
+        # as in the reference's DDPM and DDPM++ blocks.
         self.GroupNorm_0 = group_norm(in_ch, groups)
-        if ddpm_order:
-            self.GroupNorm_1 = group_norm(out_ch, groups)
         self.Conv_0 = conv3x3(in_ch, out_ch)
-        if ddpm_order:
-            self.Conv_1 = conv3x3(out_ch, out_ch, init_scale=init_scale)
         if temb_dim is not None:
             self.Dense_0 = dense(temb_dim, out_ch)
-        if not ddpm_order:
-            self.GroupNorm_1 = group_norm(out_ch, groups)
+        self.GroupNorm_1 = group_norm(out_ch, groups)
         self.Dropout_0 = nn.Dropout(dropout)
-        if not ddpm_order:
-            self.Conv_1 = conv3x3(out_ch, out_ch, init_scale=init_scale)
+        self.Conv_1 = conv3x3(out_ch, out_ch, init_scale=init_scale)
         if in_ch != out_ch:
             if conv_shortcut:
                 self.Conv_2 = conv3x3(in_ch, out_ch)

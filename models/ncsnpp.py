@@ -41,7 +41,7 @@ def level_resolutions(image_size: int, num_levels: int) -> list[int]:
 class NCSNpp(nn.Module):
     """NCSN++ / DDPM++ score network; `forward(x, labels)` with labels = sigma (VE) or 999 t / index (VP)."""
 
-    def __init__(self, config, norm_groups: int | None = None, ddpm_order: bool = False):
+    def __init__(self, config, norm_groups: int | None = None):
         super().__init__()
         m = config.model
         self.act = act = layers.get_act(config)
@@ -90,8 +90,7 @@ class NCSNpp(nn.Module):
                                          with_conv=self.progressive_input == "residual")
         if self.resblock_type == "ddpm":
             resblock = functools.partial(layers.ResnetBlockDDPM, act=act, dropout=dropout, init_scale=init_scale,
-                                         skip_rescale=skip_rescale, temb_dim=temb_dim, groups=norm_groups,
-                                         ddpm_order=ddpm_order)
+                                         skip_rescale=skip_rescale, temb_dim=temb_dim, groups=norm_groups)
         else:
             resblock = functools.partial(layers.ResnetBlockBigGAN, act=act, dropout=dropout, fir_on=fir_on,
                                          fir_kernel=fir_kernel, init_scale=init_scale,

@@ -228,8 +228,8 @@ def test_full_size_published_networks_have_the_reference_tensors(name):
     assert sorted(ours) == sorted(reference_params_for(config))
 
 
-@pytest.mark.parametrize("name", [VE_CONT, VP_CONT])
-def test_ncsnpp_parameter_order_is_the_reference_order(name):
+@pytest.mark.parametrize("name", [VE_CONT, VP_CONT, VP_DDPM])
+def test_parameter_order_is_the_reference_order(name):
     config = tiny_config(name)
     ours = [(n, tuple(p.shape), p.requires_grad) for n, p in models.create_model(config).named_parameters()]
     assert ours == reference_params_for(config)

@@ -445,10 +445,10 @@ def test_parameter_names_and_order_follow_the_reference_layout():
                           "all_modules.4.Conv_0.weight", "all_modules.4.Conv_0.bias", "all_modules.4.Dense_0.weight"]
     # input pyramid with "residual": a FIR downsampling conv right after the downsampling BigGAN block
     assert "all_modules.6.Conv2d_0.weight" in names and "all_modules.5.Conv_2.weight" in names
-    # DDPM: its blocks register both norms, both convs, the Dense layer, then the NIN shortcut
+    # DDPM: its blocks register in forward order (reference layers.ResnetBlockDDPM), then the NIN shortcut
     config = image_config(CIFAR["ddpm"][0], "vpsde", True, nf=32, ch_mult=(1, 2), num_res_blocks=1)
     model = create_model(config)
     block = model.all_modules[5]  # level 1 (16 px): 32 -> 64 channels
     assert [n.rsplit(".", 1)[0] for n, _ in block.named_parameters()][::2] == [
-        "GroupNorm_0", "GroupNorm_1", "Conv_0", "Conv_1", "Dense_0", "NIN_0"]
+        "GroupNorm_0", "Conv_0", "Dense_0", "GroupNorm_1", "Conv_1", "NIN_0"]
     assert isinstance(model.all_modules[6], AttnBlock)
