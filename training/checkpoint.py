@@ -19,7 +19,8 @@ REQUIRED_KEYS = ("format", "model", "ema", "optimizer", "step", "config")
 
 # Keys that may change between a run and its resumption without changing what is being trained.
 RESUMABLE_CHANGES = ("training.n_iters", "training.log_every", "training.snapshot_every", "training.sample_every",
-                     "training.compile", "training.progress", "device")
+                     "training.compile", "training.progress", "training.plot_samples", "training.data_on_device",
+                     "data.path", "device")
 # Sections that do not affect training at all (sampling and likelihood settings are read at use time).
 IGNORED_SECTIONS = ("sampling", "likelihood", "eval")
 

@@ -8,7 +8,7 @@ from training.trainer import train
 
 def run(config, workdir: str, args) -> int:
     """Train the model of `config` in `workdir` (resuming from its checkpoint if there is one)."""
-    result = train(config, workdir, progress=bool(config.training.get("progress", True)))
+    result = train(config, workdir)
     if int(os.environ.get("RANK", "0")) == 0:
         rate = f"{result.steps_this_run / result.seconds:.0f} steps/s" if result.seconds > 0 else ""
         print(f"[train] step {result.step} ({result.steps_this_run} this run, {result.seconds:.1f} s, {rate}); "

@@ -184,11 +184,14 @@ def _sliced_w2(samples: torch.Tensor, reference: torch.Tensor) -> float | None:
     return float(sliced_wasserstein(samples.double(), reference.double(), generator=torch.Generator().manual_seed(0)))
 
 
-def train(config, workdir: str, *, max_steps: int | None = None, progress: bool = True) -> TrainResult:
+def train(config, workdir: str, *, max_steps: int | None = None, progress: bool | None = None) -> TrainResult:
     """Train (or resume training of) the model config describes in `workdir`; see the module docstring.
 
     `max_steps` stops after that many steps of this call (with a checkpoint), as if the run were interrupted.
+    `progress` shows the tqdm bar (default: config.training.progress).
     """
+    if progress is None:
+        progress = bool(config.training.get("progress", True))
     device = get_device(config)
     info = distributed.setup(device)
     try:
