@@ -303,3 +303,15 @@ def test_other_objectives_train(tmp_path, overrides):
     config = tiny_config(n_iters=3, **overrides)
     result = train(config, str(tmp_path))
     assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_restore_model_ignores_use_time_settings_but_not_the_network(tmp_path):
+    config = tiny_config(n_iters=2)
+    train(config, str(tmp_path))
+    config.sampling.nfe = 7
+    config.training.batch_size = 4
+    config.data.uniform_dequantization = True
+    assert restore_model(config, str(tmp_path), "cpu")[1] == 2
+    config.sde.beta_max = 10.0
+    with pytest.raises(UserError, match="sde.beta_max"):
+        restore_model(config, str(tmp_path), "cpu")

@@ -120,7 +120,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved_json: str, config: ml_collections.ConfigDict,
                        sections: tuple[str, ...] | None = None) -> list[str]:
     """Keys whose values differ between a saved config and `config` ("key: saved -> now"), ignoring
-    settings that do not change the training run (RESUMABLE_CHANGES, IGNORED_SECTIONS).
+    settings that do not change the training run (RESUMABLE_CHANGES, IGNORED_SECTIONS) and keys the saved
+    config does not have (added to the toolkit later).
     With `sections`, only keys under those top-level sections are compared."""
     saved = _flatten(json.loads(saved_json))
     current = _flatten(json.loads(config_to_json(config)))
@@ -131,7 +132,9 @@ def config_differences(saved_json: str, config: ml_collections.ConfigDict,
             continue
         if sections is not None and top not in sections:
             continue
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if key not in saved:  # a key added to the toolkit after the checkpoint was written
+            continue
+        a, b = saved[key], current.get(key, "<absent>")
         if a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
@@ -147,7 +150,10 @@ def restore_model(config, workdir: str, device: str | torch.device, use_ema: boo
 
     path = checkpoint_path(workdir)
     state = load_checkpoint(path, map_location="cpu")
-    diffs = config_differences(state["config"], config, sections=("data", "model", "sde"))
+    # what fixes the network and its score conversion; other data/training keys may differ at use time
+    shape_keys = ("data.dim", "data.image_size", "data.num_channels", "data.centered", "training.continuous")
+    diffs = [d for d in config_differences(state["config"], config, sections=("data", "model", "sde", "training"))
+             if d.split(":")[0] in shape_keys or d.split(".")[0] in ("model", "sde")]
     diffs = [d for d in diffs if not d.startswith("model.ema_rate")]
     if diffs:
         raise UserError(f"checkpoint {path} was trained with different settings: {'; '.join(diffs[:6])}")
