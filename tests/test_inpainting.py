@@ -1,0 +1,147 @@
+"""Inpainting / colorization (Song et al., 2021, app. I) and PF-ODE interpolation against closed forms."""
+import math
+
+import pytest
+import torch
+
+from data.mixtures import toy_mixture
+from errors import UserError
+from sde_lib import VPSDE
+from solvers.inpainting import check_mask, colorize, couple, decouple, gray_color_basis, inpaint
+from solvers.interpolation import interpolate, slerp
+from solvers.ode import decode, encode
+
+SDE = VPSDE(0.1, 20.0, 1000)
+
+
+def gaussian_score_fn(mu: torch.Tensor, cov: torch.Tensor, sde=SDE):
+    """Exact score of N(mu, cov) pushed through the SDE: -(a^2 cov + s^2 I)^{-1} (x - a mu) (flattened x)."""
+    eye = torch.eye(mu.numel(), dtype=torch.float64)
+
+    def score_fn(x, t):
+        shape = x.shape
+        flat = x.reshape(shape[0], -1)
+        a, s = sde.mean_coeff(t), sde.marginal_std(t)
+        cov_t = a[:, None, None] ** 2 * cov + s[:, None, None] ** 2 * eye
+        return -torch.linalg.solve(cov_t, (flat - a[:, None] * mu)[..., None])[..., 0].reshape(shape)
+    return score_fn
+
+
+def conditional_gaussian(mu, cov, known: torch.Tensor, value: torch.Tensor):
+    """Mean and covariance of the unknown coordinates given x[known] = value (Schur complement)."""
+    k, u = known, ~known
+    gain = cov[u][:, k] @ torch.linalg.inv(cov[k][:, k])
+    return mu[u] + gain @ (value - mu[k]), cov[u][:, u] - gain @ cov[k][:, u]
+
+
+def _random_cov(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return 0.3 * (a @ a.T) / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def test_inpainting_matches_the_gaussian_conditional():
+    d, n = 3, 4000
+    mu = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+    cov = _random_cov(d, 0)
+    known = torch.tensor([True, False, False])
+    value = torch.tensor([1.0], dtype=torch.float64)
+    x0 = torch.zeros(n, d, dtype=torch.float64)
+    x0[:, 0] = value
+    out, used = inpaint(SDE, gaussian_score_fn(mu, cov), x0, known.double(), nfe=400,
+                        predictor="euler_maruyama", corrector="langevin", snr=0.3,
+                        generator=torch.Generator().manual_seed(1))
+    assert used == 400
+    assert torch.equal(out[:, 0], x0[:, 0])  # the known part is the data
+    mean, cond_cov = conditional_gaussian(mu, cov, known, value)
+    got_mean, got_cov = out[:, 1:].mean(0), torch.cov(out[:, 1:].T)
+    prior_mean = mu[1:]
+    # The replacement method is approximate (independent noise in the known part): MC error ~0.01 plus a
+    # small method bias; the unconditional answer (prior_mean, cov[1:, 1:]) is far outside these bounds.
+    assert float((got_mean - mean).abs().max()) < 0.04, (got_mean, mean)
+    assert float((prior_mean - mean).abs().max()) > 0.15
+    rel = torch.linalg.matrix_norm(got_cov - cond_cov) / torch.linalg.matrix_norm(cond_cov)
+    assert float(rel) < 0.15, (got_cov, cond_cov)
+
+
+def test_mask_shape_and_values_are_checked():
+    x0 = torch.zeros(4, 3, 8, 8)
+    assert check_mask(torch.ones(3, 8, 8), x0).shape == x0.shape
+    assert check_mask(torch.ones(1, 1, 8, 8), x0).shape == x0.shape
+    with pytest.raises(UserError, match="mask has shape"):
+        check_mask(torch.ones(3, 4, 4), x0)
+    with pytest.raises(UserError, match="0 \\(missing\\) or 1"):
+        check_mask(torch.full((3, 8, 8), 0.5), x0)
+    with pytest.raises(UserError, match="mask has shape"):
+        inpaint(SDE, lambda x, t: -x, x0, torch.ones(2, 8, 8), nfe=10)
+
+
+def test_gray_color_decoupling_is_orthogonal():
+    m = gray_color_basis(torch.float64)
+    torch.testing.assert_close(m @ m.T, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(m[0], torch.full((3,), 1 / math.sqrt(3), dtype=torch.float64))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(couple(decouple(x)), x)
+    torch.testing.assert_close(decouple(x)[:, 0], x.sum(1) / math.sqrt(3))
+    with pytest.raises(UserError, match="RGB"):
+        decouple(torch.zeros(2, 1, 4, 4))
+
+
+def test_colorization_keeps_gray_and_samples_the_color_conditional():
+    n = 3000
+    mu = torch.tensor([0.6, 0.1, -0.4], dtype=torch.float64)  # one RGB pixel
+    cov = _random_cov(3, 1)
+    gray_value = 0.25
+    gray = torch.full((n, 1, 1, 1), gray_value, dtype=torch.float64)
+    out, _ = colorize(SDE, gaussian_score_fn(mu, cov), gray, nfe=400, predictor="euler_maruyama",
+                      snr=0.3, generator=torch.Generator().manual_seed(2))
+    assert out.shape == (n, 3, 1, 1)
+    torch.testing.assert_close(out.mean(1), gray[:, 0], rtol=1e-12, atol=1e-12)
+    # exact: the color coordinates y1, y2 = M[1:] x given y0 = sqrt(3) gray
+    m = gray_color_basis(torch.float64)
+    mu_y, cov_y = m @ mu, m @ cov @ m.T
+    mean, cond_cov = conditional_gaussian(mu_y, cov_y, torch.tensor([True, False, False]),
+                                          torch.tensor([math.sqrt(3) * gray_value], dtype=torch.float64))
+    y = torch.einsum("ij,bj->bi", m, out[:, :, 0, 0])[:, 1:]
+    assert float((y.mean(0) - mean).abs().max()) < 0.04, (y.mean(0), mean)
+    rel = torch.linalg.matrix_norm(torch.cov(y.T) - cond_cov) / torch.linalg.matrix_norm(cond_cov)
+    assert float(rel) < 0.15
+
+
+def test_encode_decode_roundtrip_and_unique_latents():
+    ring = toy_mixture("ring2d")
+    score = ring.score_fn(SDE)
+    x = ring.sample(32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z, _ = encode(SDE, score, x)
+    z_again, _ = encode(SDE, score, x.clone())
+    assert torch.equal(z, z_again)  # deterministic: same input, same latent
+    x_back, _ = decode(SDE, score, z)
+    assert float((x_back - x).abs().max()) < 1e-3
+    assert abs(float(z.std()) - 1.0) < 0.3  # latents look like prior draws
+
+
+def test_slerp_endpoints_and_norm():
+    z0 = torch.tensor([[3.0, 0.0]], dtype=torch.float64)
+    z1 = torch.tensor([[0.0, 3.0]], dtype=torch.float64)
+    path = slerp(z0, z1, torch.linspace(0, 1, 5, dtype=torch.float64))
+    torch.testing.assert_close(path[0], z0)
+    torch.testing.assert_close(path[-1], z1)
+    torch.testing.assert_close(path.norm(dim=-1), torch.full((5, 1), 3.0, dtype=torch.float64))
+    torch.testing.assert_close(path[2, 0], torch.tensor([3 / math.sqrt(2)] * 2, dtype=torch.float64))
+    same = slerp(z0, z0, torch.tensor([0.5], dtype=torch.float64))  # zero angle: no division by zero
+    torch.testing.assert_close(same[0], z0)
+
+
+def test_interpolation_stays_on_the_data():
+    ring = toy_mixture("ring2d")
+    x_a = ring.means[0:1].clone()
+    x_b = ring.means[2:3].clone()  # a quarter turn away
+    frames, nfe = interpolate(SDE, ring.score_fn(SDE), x_a, x_b, num_frames=7)
+    assert frames.shape == (7, 1, 2) and nfe > 0
+    torch.testing.assert_close(frames[0], x_a, atol=1e-3, rtol=0)
+    torch.testing.assert_close(frames[-1], x_b, atol=1e-3, rtol=0)
+    radius = frames[:, 0].norm(dim=-1)
+    # every frame is on the ring (radius 2, component std 0.2): inside the data range, never in the hole
+    assert float((radius - 2.0).abs().max()) < 0.6, radius
+    with pytest.raises(UserError, match="same shape"):
+        interpolate(SDE, ring.score_fn(SDE), x_a, torch.zeros(2, 2, dtype=torch.float64))
