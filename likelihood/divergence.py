@@ -50,9 +50,12 @@ def hutchinson_divergence(out: torch.Tensor, x: torch.Tensor, probes: torch.Tens
     return (vjps * probes).flatten(2).sum(-1).mean(0)
 
 
-def exact_divergence(out: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Trace of d out / d x per sample, one VJP per dimension (batched `chunk` dimensions at a time)."""
+def exact_divergence(out: torch.Tensor, x: torch.Tensor, chunk: int = 256,
+                     max_elements: int = 2 ** 25) -> torch.Tensor:
+    """Trace of d out / d x per sample, one VJP per dimension (batched up to `chunk` dimensions at a time,
+    fewer when the basis vectors of a chunk would exceed `max_elements` entries)."""
     batch, dim = x.shape[0], x[0].numel()
+    chunk = max(1, min(chunk, max_elements // max(1, batch * dim)))
     total = torch.zeros(batch, dtype=x.dtype, device=x.device)
     for start in range(0, dim, chunk):
         idx = torch.arange(start, min(start + chunk, dim), device=x.device)

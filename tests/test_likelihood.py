@@ -19,15 +19,6 @@ SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread avoids the cost of thread contention on shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _exact_prior(mixture, sde):
     """The exact marginal p_T of the mixture, to remove the prior mismatch from the comparison."""
     return lambda z: mixture.marginal_log_prob(z, sde.T, sde)
