@@ -315,3 +315,22 @@ def test_restore_model_ignores_use_time_settings_but_not_the_network(tmp_path):
     config.sde.beta_max = 10.0
     with pytest.raises(UserError, match="sde.beta_max"):
         restore_model(config, str(tmp_path), "cpu")
+
+
+def test_figures(tmp_path):
+    import matplotlib.image
+
+    from evaluation.figures import make_grid, save_image_grid, save_scatter
+
+    grid = make_grid(torch.rand(5, 1, 4, 6), nrow=3)
+    assert grid.shape == (2 * (4 + 2) + 2, 3 * (6 + 2) + 2, 3) and grid.dtype.name == "uint8"
+    ones = make_grid(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), padding=0)
+    assert (ones == 255).all()
+    path = save_image_grid(str(tmp_path / "g" / "grid.png"), torch.rand(4, 3, 8, 8))
+    assert matplotlib.image.imread(path).shape[:2] == (2 * 10 + 2, 2 * 10 + 2)
+    save_scatter(str(tmp_path / "s.png"), torch.randn(100, 2), reference=torch.randn(50, 2), title="t")
+    assert os.path.getsize(tmp_path / "s.png") > 0
+    with pytest.raises(UserError, match=r"\(N, 2\)"):
+        save_scatter(str(tmp_path / "x.png"), torch.randn(10, 3))
+    with pytest.raises(UserError, match="C = 1 or 3"):
+        save_image_grid(str(tmp_path / "x.png"), torch.rand(2, 2, 4, 4))

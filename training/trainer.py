@@ -16,15 +16,17 @@ import torch
 from torch import nn
 
 import models
-from data.loaders import data_shape, get_data_stream, stream_seed, step_generator
+from models.guidance import conditional_score_fn
+from data.loaders import check_num_classes, data_shape, get_data_stream, stream_seed, step_generator
 from errors import UserError
 from sde_lib import get_sde
+from solvers.guidance import conditional_score
 from training import distributed
 from training.checkpoint import (FORMAT_VERSION, checkpoint_path, config_differences, config_to_json,
                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from training.device import get_device
 from training.logger import TrainLogger
-from training.losses import get_loss_fn
+from training.losses import drop_labels, get_loss_fn
 
 _SALT_LOSS, _SALT_DROPOUT, _SALT_PLOT = 0x1055, 0xD409, 0x9107
 
@@ -161,6 +163,7 @@ def _sample_figure(config, sde, state: _State, workdir: str, device: torch.devic
             title += f", SW-2 {sw2:.3f}"
         if samples.shape[1] == 2:
             save_scatter(path, samples, reference=reference, title=title)
+            logger.image("samples", state.step, _read_png(path))
         else:
             path = None
     else:
@@ -171,6 +174,13 @@ def _sample_figure(config, sde, state: _State, workdir: str, device: torch.devic
         save_image_grid(path, images)
         logger.image("samples", state.step, make_grid(images))
     return path, sw2
+
+
+def _read_png(path: str):
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(path)[..., :3]
+    return (rgb * 255).round().astype("uint8") if rgb.dtype.kind == "f" else rgb
 
 
 def _sliced_w2(samples: torch.Tensor, reference: torch.Tensor) -> float | None:
@@ -235,6 +245,8 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     if tr.compile:
         train_model = torch.compile(train_model)
     score_fn = models.get_score_fn(sde, train_model, continuous=bool(tr.continuous))
+    num_classes = check_num_classes(config)  # > 0: class-conditional with label dropout (issue 8)
+    class_score_fn = conditional_score_fn(sde, train_model, bool(tr.continuous)) if num_classes else None
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = float(tr.grad_clip) if float(tr.grad_clip) > 0 else math.inf
     log_every, snapshot_every = int(tr.log_every), int(tr.snapshot_every)
@@ -256,12 +268,17 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
         for step in range(start, end):
             generator = step_generator(config.seed, step, info.rank, _SALT_LOSS, device=device)
             torch.manual_seed(stream_seed(config.seed, step, info.rank, _SALT_DROPOUT))  # dropout masks
-            x0 = stream.batch(step)
+            if class_score_fn is None:
+                x0, step_score_fn = stream.batch(step), score_fn
+            else:
+                x0, y = stream.labelled_batch(step)
+                y = drop_labels(y, float(config.model.p_uncond), num_classes, generator)
+                step_score_fn = conditional_score(class_score_fn, y)
             lr = learning_rate(config, step)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
-                loss = loss_fn(score_fn, x0, generator)
+                loss = loss_fn(step_score_fn, x0, generator)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
