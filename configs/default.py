@@ -58,6 +58,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.init_scale = 0.0
     model.conv_size = 3
     model.nonlinearity = "swish"  # "swish", "elu", "relu", "lrelu"
+    # class-conditional networks (data.num_classes > 0): probability of replacing the label by the null class
+    # num_classes during training, so that one network learns p(x | c) and p(x) (classifier-free guidance)
+    model.p_uncond = 0.1
 
     config.training = training = ml_collections.ConfigDict()
     training.continuous = True
@@ -110,4 +113,15 @@ def get_default_config() -> ml_collections.ConfigDict:
     likelihood.ddpm_bound = False  # also the DDPM variational bound (discrete-time VP models only)
     likelihood.ddpm_variance = "fixedlarge"  # decoder/reverse variances: "fixedlarge" (beta_t) or "fixedsmall"
     likelihood.ddpm_num_terms = 0  # KL terms per image (0 = all N-1; K > 0 = unbiased estimate from K)
+
+    # noise-conditional classifier p_t(c | x) for classifier guidance (`--mode train_classifier`)
+    config.classifier = classifier = ml_collections.ConfigDict()
+    classifier.hidden_dim = 256
+    classifier.num_layers = 3
+    classifier.embedding_dim = 64
+    classifier.batch_size = 256
+    classifier.n_iters = 2000
+    classifier.lr = 1e-3
+    classifier.eps = 1e-5  # smallest t of the perturbed training data (as training.eps)
+    classifier.log_every = 200
     return config

@@ -52,13 +52,23 @@ class ToyStream:
         generator = step_generator(self.seed, step, self.rank, _SALT_DATA)
         return sample_toy(self.name, self.batch_size, generator=generator).to(self.device, non_blocking=True)
 
+    def labelled_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same batch as `batch(step)` and its classes: the mixture component of each sample (mixtures only)."""
+        if self.name not in TOY_MIXTURES:
+            raise UserError(f"toy data set {self.name!r} has no classes; class-conditional toys are the mixtures: "
+                            f"{', '.join(TOY_MIXTURES)}")
+        generator = step_generator(self.seed, step, self.rank, _SALT_DATA)
+        x, labels = TOY_MIXTURES[self.name]().sample(self.batch_size, generator=generator, return_labels=True)
+        return x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
 
 class ImageStream:
     """Epoch-wise shuffled batches of a uint8 image set, dequantized, flipped and scaled on the device."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, batch_size: int, seed: int, *, rank: int = 0,
                  world_size: int = 1, device="cpu", dequantize: bool = False, flip: bool = False,
-                 scaler=None, keep_on_device: bool = True, channels_last: bool = False):
+                 scaler=None, keep_on_device: bool = True, channels_last: bool = False,
+                 labels: np.ndarray | torch.Tensor | None = None):
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise UserError(f"image stream needs (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
@@ -71,6 +81,9 @@ class ImageStream:
         self.scaler = scaler or (lambda x: x)
         self.channels_last = channels_last
         self._perms: dict[int, torch.Tensor] = {}
+        self.labels = None if labels is None else torch.as_tensor(labels).long()
+        if self.labels is not None and self.labels.shape != (self.n,):
+            raise UserError(f"image stream: {self.n} images but labels of shape {tuple(self.labels.shape)}")
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
@@ -104,6 +117,13 @@ class ImageStream:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def labelled_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch(step)` and the class labels of its images (the stream must have been given labels)."""
+        if self.labels is None:
+            raise UserError("this image data set has no class labels (class-conditional training needs digits "
+                            "or cifar10)")
+        return self.batch(step), self.labels[self.indices(step)].to(self.device, non_blocking=True)
 
 
 def load_image_dataset(config, split: str = "train") -> tuple[np.ndarray, np.ndarray | None]:
@@ -147,8 +167,27 @@ def get_data_stream(config, batch_size: int, *, rank: int = 0, world_size: int =
         return ToyStream(name, batch_size, int(config.seed), rank, device)
     if kind != "image":
         raise UserError(f"unknown data.kind {kind!r}; valid: toy, image")
-    images, _ = load_image_dataset(config, "train")
+    images, labels = load_image_dataset(config, "train")
     keep = bool(config.training.get("data_on_device", True))
     return ImageStream(images, batch_size, int(config.seed), rank=rank, world_size=world_size, device=device,
                        dequantize=bool(config.data.uniform_dequantization), flip=bool(config.data.random_flip),
-                       scaler=get_data_scaler(config), keep_on_device=keep, channels_last=channels_last)
+                       scaler=get_data_scaler(config), keep_on_device=keep, channels_last=channels_last,
+                       labels=labels)
+
+
+def check_num_classes(config) -> int:
+    """config.data.num_classes, checked against the data set's classes (mixture components / 10 labels)."""
+    k = int(config.data.get("num_classes", 0))
+    if k <= 0:
+        return 0
+    name = str(config.data.dataset).lower()
+    if name in TOY_MIXTURES:
+        expected = TOY_MIXTURES[name]().num_components
+    elif name in ("digits", "cifar10"):
+        expected = 10
+    else:
+        raise UserError(f"data.num_classes={k} but data set {config.data.dataset!r} has no class labels; "
+                        f"labelled sets: {', '.join(list(TOY_MIXTURES) + ['digits', 'cifar10'])}")
+    if k != expected:
+        raise UserError(f"data.num_classes={k} but {config.data.dataset!r} has {expected} classes")
+    return k

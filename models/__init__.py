@@ -18,6 +18,9 @@ MODELS = {
     "ncsnv2": "models.ncsnv2:NCSNv2",
 }
 
+# networks that take class labels (data.num_classes > 0): model(x, labels, class_labels=y)
+CLASS_CONDITIONAL = ("mlp", "ddpmpp", "ncsnpp", "ddpm")
+
 
 def available_models() -> list[str]:
     """Names accepted by config.model.name."""
@@ -32,6 +35,9 @@ def create_model(config) -> nn.Module:
     if config.model.get("scale_by_sigma", False) and str(config.sde.name).lower() != "vesde":
         raise UserError("model.scale_by_sigma divides the output by sigma and only makes sense with the VE SDE "
                         f"(sde.name='vesde'), got sde.name={config.sde.name!r}")
+    if int(config.data.get("num_classes", 0)) > 0 and name not in CLASS_CONDITIONAL:
+        raise UserError(f"model {name!r} cannot be class-conditional (data.num_classes > 0); "
+                        f"use one of: {', '.join(CLASS_CONDITIONAL)}")
     module_name, class_name = MODELS[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(config)

@@ -70,3 +70,23 @@ def positional_timesteps(labels: torch.Tensor, config) -> torch.Tensor:
     smin, smax, n = float(config.sde.sigma_min), float(config.sde.sigma_max), int(config.sde.num_scales)
     dtype = _float_dtype(labels)
     return (n - 1) * torch.log(smax / labels.to(dtype)) / math.log(smax / smin)
+
+
+def class_embedding(num_classes: int, dim: int) -> nn.Embedding:
+    """Learned class embedding with num_classes + 1 rows (the last one is the null class), zero at init.
+
+    Zero initialization makes a fresh conditional network compute the same function as an unconditional one.
+    """
+    embed = nn.Embedding(num_classes + 1, dim)
+    nn.init.zeros_(embed.weight)
+    return embed
+
+
+def class_label_tensor(class_labels: torch.Tensor | None, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(batch,) long class labels on x's device; None means the null class num_classes for the whole batch."""
+    if class_labels is None:
+        return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
+    labels = torch.as_tensor(class_labels, device=x.device).long()
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"class labels must be a (batch,) tensor with batch {x.shape[0]}, got {tuple(labels.shape)}")
+    return labels

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from errors import UserError
-from models.embeddings import GaussianFourierProjection, resolve_embedding_type, sinusoidal_embedding
+from models.embeddings import (GaussianFourierProjection, class_embedding, class_label_tensor, resolve_embedding_type,
+                               sinusoidal_embedding)
 
 
 class MLPScoreNet(nn.Module):
@@ -15,6 +16,8 @@ class MLPScoreNet(nn.Module):
     "positional" embeds the label with sinusoids; "fourier" embeds log(label) with Gaussian Fourier
     features (the NCSN++ choice for sigma). Each hidden layer adds a learned projection of the embedding.
     With model.scale_by_sigma the output is divided by the label (sigma), as NCSN++ does.
+    With data.num_classes = K > 0 a learned class embedding (K + 1 rows, row K = the null class) is added to
+    the time embedding; unconditional networks (K = 0) have no such parameters.
     """
 
     def __init__(self, config):
@@ -38,16 +41,22 @@ class MLPScoreNet(nn.Module):
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(float(m.get("dropout", 0.0)))
         self.output = nn.Linear(hidden, self.dim)
+        self.num_classes = int(config.data.get("num_classes", 0))
+        if self.num_classes > 0:
+            self.class_embed = class_embedding(self.num_classes, hidden)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Network output for inputs x (batch, dim) at noise labels cond (batch,)."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output for inputs x (batch, dim) at noise labels cond (batch,) (and class labels, None = null)."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise UserError(f"MLP score network expects inputs of shape (batch, {self.dim}), got {tuple(x.shape)}")
         if self.embedding_type == "fourier":
             temb = self.fourier(torch.log(cond))
         else:
             temb = sinusoidal_embedding(cond, self.embedding_dim)
-        temb = self.act(self.embed(temb.to(x.dtype)))
+        temb = self.embed(temb.to(x.dtype))
+        if self.num_classes > 0:
+            temb = temb + self.class_embed(class_label_tensor(class_labels, x, self.num_classes)).to(temb.dtype)
+        temb = self.act(temb)
         h = self.input(x)
         for layer, proj in zip(self.hidden, self.time_proj):
             # residual block: h <- h + W act(h + P temb)

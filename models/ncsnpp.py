@@ -14,8 +14,8 @@ from torch import nn
 
 from errors import UserError
 from models import layers
-from models.embeddings import (GaussianFourierProjection, positional_timesteps, resolve_embedding_type,
-                               sinusoidal_embedding)
+from models.embeddings import (GaussianFourierProjection, class_embedding, class_label_tensor, positional_timesteps,
+                               resolve_embedding_type, sinusoidal_embedding)
 from models.layers import SQRT2, conv3x3, dense, group_norm
 
 PROGRESSIVE = ("none", "output_skip", "residual")
@@ -163,6 +163,14 @@ class NCSNpp(nn.Module):
         if self.progressive != "output_skip":
             modules += [norm(in_ch), conv3x3(in_ch, channels, init_scale=init_scale)]
         self.all_modules = nn.ModuleList(modules)
+        # Class conditioning (data.num_classes = K > 0): an embedding with a null row K, added to the time
+        # embedding. Kept outside all_modules so unconditional networks keep the reference's parameter names.
+        self.num_classes = int(config.data.get("num_classes", 0))
+        if self.num_classes > 0:
+            if not self.conditional:
+                raise UserError("data.num_classes > 0 needs a time-conditional U-Net (model.conditional=true): "
+                                "the class embedding is added to the time embedding")
+            self.class_embed = class_embedding(self.num_classes, 4 * nf)
 
     def _block(self, it: Iterator[nn.Module], h: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """Apply the next resampling module: a BigGAN block (takes temb) or a plain Up/Downsample."""
@@ -172,8 +180,11 @@ class NCSNpp(nn.Module):
     def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a + b) / SQRT2 if self.skip_rescale else a + b
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Network output (a score for VE with scale_by_sigma, a noise prediction for VP) of x's shape."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output (a score for VE with scale_by_sigma, a noise prediction for VP) of x's shape.
+
+        `class_labels` (batch,) are used by class-conditional networks only; None means the null class.
+        """
         it = iter(self.all_modules)
         if self.embedding_type == "fourier":
             temb = next(it)(torch.log(labels))  # Fourier features of log sigma
@@ -182,6 +193,8 @@ class NCSNpp(nn.Module):
         if self.conditional:
             temb = next(it)(temb.to(x.dtype))
             temb = next(it)(self.act(temb))
+            if self.num_classes > 0:
+                temb = temb + self.class_embed(class_label_tensor(class_labels, x, self.num_classes)).to(temb.dtype)
         else:
             temb = None
 

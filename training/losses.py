@@ -180,6 +180,15 @@ def sliced_score_matching_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *,
     return (total * std ** 2).mean()
 
 
+def drop_labels(labels: torch.Tensor, p_uncond: float, num_classes: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Label dropout (Ho & Salimans, 2022): each class label becomes the null class `num_classes` with prob. p_uncond."""
+    if not 0.0 <= float(p_uncond) <= 1.0:
+        raise UserError(f"model.p_uncond must be in [0, 1], got {p_uncond}")
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < float(p_uncond)
+    return torch.where(drop, torch.full_like(labels, int(num_classes)), labels)
+
+
 def resolve_loss_name(config, sde: SDE) -> str:
     """training.loss, with "auto" = dsm for continuous training, ddpm (VP) or smld (VE) for discrete."""
     name = str(config.training.get("loss", "auto")).lower()
