@@ -11,6 +11,10 @@ MODES = {
     "sample": "evaluation.sample_runner:run",
     "likelihood": "evaluation.likelihood_runner:run",
     "eval": "evaluation.eval_runner:run",
+    "train_classifier": "training.classifier:run",
+    "inpaint": "evaluation.controllable:run_inpaint",
+    "colorize": "evaluation.controllable:run_colorize",
+    "interpolate": "evaluation.controllable:run_interpolate",
 }
 
 
@@ -33,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: config.seed)")
     parser.add_argument("--split", default=None, help="data split for likelihood/eval (train or test)")
     parser.add_argument("--num_batches", type=int, default=None, help="number of batches for likelihood/eval")
+    # controllable generation (sample / inpaint / colorize / interpolate)
+    parser.add_argument("--class_label", type=int, default=None, help="class to sample (class-conditional model "
+                        "or classifier guidance)")
+    parser.add_argument("--guidance", default=None,
+                        help="none, cfg or classifier; cfg: classifier-free guidance; classifier: the run's classifier (--mode train_classifier)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="w for cfg, lambda for classifier (default 1)")
+    parser.add_argument("--input", default=None, help="input images (PNG or npz) for inpaint/colorize/interpolate")
+    parser.add_argument("--input2", default=None, help="second input images (PNG or npz) for interpolate")
+    parser.add_argument("--mask", default=None, help="inpainting mask (PNG / npz, 1 = known) or "
+                        "left|right|top|bottom|center")
+    parser.add_argument("--num_frames", type=int, default=None, help="interpolation frames (default 8)")
     return parser
 
 

@@ -175,17 +175,21 @@ def get_data_stream(config, batch_size: int, *, rank: int = 0, world_size: int =
                        labels=labels)
 
 
+def dataset_num_classes(config) -> int:
+    """Number of classes of config.data.dataset: mixture components (toys), 10 (digits, cifar10), else 0."""
+    name = str(config.data.dataset).lower()
+    if name in TOY_MIXTURES:
+        return TOY_MIXTURES[name]().num_components
+    return 10 if name in ("digits", "cifar10") else 0
+
+
 def check_num_classes(config) -> int:
     """config.data.num_classes, checked against the data set's classes (mixture components / 10 labels)."""
     k = int(config.data.get("num_classes", 0))
     if k <= 0:
         return 0
-    name = str(config.data.dataset).lower()
-    if name in TOY_MIXTURES:
-        expected = TOY_MIXTURES[name]().num_components
-    elif name in ("digits", "cifar10"):
-        expected = 10
-    else:
+    expected = dataset_num_classes(config)
+    if expected == 0:
         raise UserError(f"data.num_classes={k} but data set {config.data.dataset!r} has no class labels; "
                         f"labelled sets: {', '.join(list(TOY_MIXTURES) + ['digits', 'cifar10'])}")
     if k != expected:

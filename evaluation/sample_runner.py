@@ -118,7 +118,13 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
     num_samples = getattr(args, "num_samples", None) or int(config.sampling.num_samples)
     seed = int(config.seed)
     device = get_device(config)
-    sde, score_fn, step = load_score_fn(config, workdir, device)
+    if getattr(args, "class_label", None) is None and getattr(args, "guidance", None) in (None, "none"):
+        sde, score_fn, step = load_score_fn(config, workdir, device)
+        guidance = {}
+    else:  # --class_label / --guidance / --guidance_scale (issue 8)
+        from evaluation.controllable import guided_score_fn
+
+        sde, score_fn, step, guidance = guided_score_fn(config, workdir, device, args)
     start = time.time()
     x, nfes = generate(config, sde, score_fn, solver, nfe, num_samples, seed, device)
     elapsed = time.time() - start
@@ -129,7 +135,7 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
         "sde": str(config.sde.name), "options": sampler_options(config, solver),
         "eps": float(config.sampling.eps), "device": str(device), "seconds": round(elapsed, 3),
         "samples_per_second": round(num_samples / max(elapsed, 1e-9), 2),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **guidance,
     }
     return to_data_space(config, x), facts
 
@@ -143,6 +149,9 @@ def run(config, workdir: str, args) -> int:
     folder = os.path.join(workdir, "samples")
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, f"samples_{info['solver']}_nfe{info['nfe_requested']}_seed{info['seed']}")
+    if info.get("class_label") is not None:
+        scale = f"{info['guidance_scale']:g}" if info.get("guidance_scale") is not None else ""
+        stem += f"_class{info['class_label']}" + (f"_{info['guidance']}{scale}" if info["guidance"] != "none" else "")
     np.savez_compressed(stem + ".npz", samples=samples)
     with open(stem + ".json", "w") as f:
         json.dump(info, f, indent=2)

@@ -78,10 +78,17 @@ class NoiseConditionalClassifier(nn.Module):
 
 
 def create_classifier(config) -> NoiseConditionalClassifier:
-    """The classifier config.classifier describes, for config.data's input size and num_classes."""
-    num_classes = int(config.data.get("num_classes", 0))
+    """The classifier config.classifier describes, for config.data's input size and the data set's classes.
+
+    The class count is the data set's (mixture components, 10 for digits / CIFAR-10), so a classifier can
+    guide an unconditional model (data.num_classes = 0).
+    """
+    from data.loaders import dataset_num_classes
+
+    num_classes = dataset_num_classes(config)
     if num_classes < 2:
-        raise UserError(f"a classifier needs data.num_classes >= 2 (the class-labelled data sets), got {num_classes}")
+        raise UserError(f"data set {config.data.dataset!r} has no class labels; a classifier needs a labelled set "
+                        "(the toy mixtures, digits, cifar10)")
     if str(config.data.kind) == "image":
         input_dim = int(config.data.num_channels) * int(config.data.image_size) ** 2
     else:

@@ -1,0 +1,299 @@
+"""Controllable generation from a trained run: guided sampling scores and `--mode inpaint|colorize|interpolate`.
+
+Inputs are PNG files (one image) or npz files (key `images`, `x` or `samples`, or the only array: uint8 0..255
+or float 0..1, NCHW or NHWC); masks are PNG / npz with 1 (or white) = known, 0 = missing, or the names
+`left`, `right`, `top`, `bottom`, `center`. Each mode writes an npz of results and a PNG grid
+(evaluation/figures.py) under `{workdir}/controllable/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+GUIDANCE = ("none", "cfg", "classifier")
+NAMED_MASKS = ("left", "right", "top", "bottom", "center")
+
+
+# --- guided score for `--mode sample` ------------------------------------------------------------------------
+def guided_score_fn(config, workdir: str, device: torch.device, args):
+    """(sde, score_fn, checkpoint step, facts) for --class_label / --guidance / --guidance_scale.
+
+    none: the model's score; with a class label (class-conditional model) the conditional score s(x, t, c).
+    cfg: w s(x, t, c) + (1 - w) s(x, t, null), one batched network call (class-conditional model only).
+    classifier: s(x, t) + lambda grad log p_t(c | x) with the run's classifier (`--mode train_classifier`);
+    s is the unconditional score (the null class of a conditional model).
+    """
+    import models
+    from models.guidance import classifier_log_prob_fn, conditional_score_fn
+    from sde_lib import get_sde
+    from solvers.guidance import check_class_label, classifier_free_guidance, classifier_guidance, conditional_score
+    from training.checkpoint import restore_model
+
+    guidance = str(getattr(args, "guidance", None) or "none")
+    label = getattr(args, "class_label", None)
+    scale = getattr(args, "guidance_scale", None)
+    scale = 1.0 if scale is None else float(scale)
+    num_classes = int(config.data.get("num_classes", 0))
+    if guidance not in GUIDANCE:
+        raise UserError(f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE)}")
+    if guidance == "cfg" and num_classes == 0:
+        raise UserError("classifier-free guidance needs a class-conditional model (data.num_classes > 0, e.g. "
+                        "--config vp_toy_cond); this run's model is unconditional")
+    if guidance != "none" and label is None:
+        raise UserError(f"--guidance {guidance} needs --class_label")
+    if guidance == "classifier":
+        from data.loaders import dataset_num_classes
+
+        label = check_class_label(label, dataset_num_classes(config))
+    elif label is not None:
+        label = check_class_label(label, num_classes)
+
+    sde = get_sde(config)
+    model, step = restore_model(config, workdir, device)
+    continuous = bool(config.training.continuous)
+    if guidance == "cfg":
+        score_fn = classifier_free_guidance(conditional_score_fn(sde, model, continuous), label, num_classes, scale)
+    elif guidance == "classifier":
+        from training.classifier import load_classifier
+
+        classifier = load_classifier(config, workdir, device)
+        score_fn = classifier_guidance(models.get_score_fn(sde, model, continuous), classifier_log_prob_fn(classifier),
+                                       label, scale)
+    elif label is not None:
+        score_fn = conditional_score(conditional_score_fn(sde, model, continuous), label)
+    else:
+        score_fn = models.get_score_fn(sde, model, continuous)
+    facts = {"guidance": guidance, "class_label": label,
+             "guidance_scale": scale if guidance != "none" else None}
+    return sde, score_fn, step, facts
+
+
+# --- inputs and masks -----------------------------------------------------------------------------------------
+def _require_images(config, mode: str) -> tuple[int, int]:
+    if config.data.get("kind", "toy") != "image":
+        raise UserError(f"--mode {mode} works on image data (e.g. --config vp_digits); "
+                        f"{config.data.dataset!r} is not an image data set")
+    return int(config.data.num_channels), int(config.data.image_size)
+
+
+def _read_array(path: str, what: str) -> np.ndarray:
+    if not path:
+        raise UserError(f"{what} is missing: pass a PNG or npz file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file {path!r} does not exist")
+    lower = path.lower()
+    try:
+        if lower.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.keys())
+                key = next((k for k in ("images", "x", "samples", "mask") if k in keys), keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise UserError(f"{what} npz {path!r} has keys {keys}; expected 'images', 'x', 'samples' "
+                                    "or a single array")
+                return np.asarray(archive[key])
+        if lower.endswith(".png"):
+            import matplotlib.image
+
+            return np.asarray(matplotlib.image.imread(path))
+    except UserError:
+        raise
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"cannot read {what} {path!r}: {error}") from None
+    raise UserError(f"{what} {path!r}: expected a .png or .npz file")
+
+
+def _to_unit_nchw(array: np.ndarray, channels: int, size: int, what: str, path: str) -> np.ndarray:
+    """uint8 / float images in any of HW, HWC, NHW, NCHW, NHWC -> float32 (N, channels, size, size) in [0, 1]."""
+    x = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        if x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3):
+            x = x.transpose(2, 0, 1)[None]  # one H x W x C image (a PNG)
+        elif x.shape[0] in (1, 3):
+            x = x[None]  # one C x H x W image
+        else:
+            x = x[:, None]  # N gray images
+    elif x.ndim == 4 and x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4:
+        raise UserError(f"{what} {path!r} has shape {array.shape}; expected images (N, C, H, W) or (H, W[, C])")
+    if x.shape[1] == 4:
+        x = x[:, :3]  # drop alpha
+    if x.shape[1] == 3 and channels == 1:
+        x = x.mean(axis=1, keepdims=True)
+    elif x.shape[1] == 1 and channels == 3:
+        x = np.repeat(x, 3, axis=1)
+    if x.shape[1:] != (channels, size, size):
+        raise UserError(f"{what} {path!r} has images of shape {tuple(x.shape[1:])}; the model needs "
+                        f"({channels}, {size}, {size})")
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise UserError(f"{what} {path!r}: values must be uint8 0..255 or floats in [0, 1]")
+    return x
+
+
+def load_images(config, path: str, what: str = "--input") -> torch.Tensor:
+    """Images from a PNG / npz file as float (N, C, H, W) in [0, 1], checked against the config."""
+    channels, size = int(config.data.num_channels), int(config.data.image_size)
+    return torch.from_numpy(_to_unit_nchw(_read_array(path, what), channels, size, what, path))
+
+
+def named_mask(name: str, channels: int, size: int) -> torch.Tensor:
+    """A (C, H, W) mask with 1 = known: `left` keeps the left half, `center` hides a central square, etc."""
+    mask = torch.ones(channels, size, size)
+    half, quarter = size // 2, size // 4
+    if name == "left":
+        mask[..., half:] = 0
+    elif name == "right":
+        mask[..., :half] = 0
+    elif name == "top":
+        mask[:, half:, :] = 0
+    elif name == "bottom":
+        mask[:, :half, :] = 0
+    elif name == "center":
+        mask[:, quarter:size - quarter, quarter:size - quarter] = 0
+    else:
+        raise UserError(f"unknown mask {name!r}; valid names: {', '.join(NAMED_MASKS)}, or a PNG / npz file")
+    return mask
+
+
+def load_mask(config, spec: str | None) -> torch.Tensor:
+    """--mask as a 0/1 tensor of one image's shape (C, H, W) or (1, H, W) / (H, W) to broadcast over channels."""
+    channels, size = int(config.data.num_channels), int(config.data.image_size)
+    if spec is None:
+        raise UserError("--mode inpaint needs --mask (a PNG / npz file, or one of: " + ", ".join(NAMED_MASKS) + ")")
+    if spec in NAMED_MASKS:
+        return named_mask(spec, channels, size)
+    raw = _read_array(spec, "--mask")
+    array = raw.astype(np.float32)
+    if raw.dtype == np.uint8 or array.max() > 1:
+        array = array / 255.0
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] not in (1, 3):
+        array = array[..., :3].mean(-1)  # an RGB(A) PNG: white = known
+    mask = torch.from_numpy((array > 0.5).astype(np.float32))
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or mask.shape[0] not in (1, channels) or mask.shape[1:] != (size, size):
+        raise UserError(f"--mask {spec!r} has shape {tuple(array.shape)}; expected ({size}, {size}) or "
+                        f"({channels}, {size}, {size}) for this model")
+    return mask.expand(channels, size, size).clone()
+
+
+# --- the three modes -----------------------------------------------------------------------------------------
+def _setup(config, workdir: str, mode: str):
+    import models
+    from sde_lib import get_sde
+    from training.checkpoint import restore_model
+    from training.device import get_device
+
+    device = get_device(config)
+    sde = get_sde(config)
+    model, step = restore_model(config, workdir, device)
+    return device, sde, models.get_score_fn(sde, model, bool(config.training.continuous)), step
+
+
+def _pc_options(config, args) -> dict:
+    s = config.sampling
+    return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": str(s.predictor),
+            "corrector": str(s.corrector), "snr": float(s.snr), "n_steps": int(s.n_steps_each)}
+
+
+def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict) -> str:
+    """Grid with one row per input and the panels side by side; npz of results; JSON facts. Returns the PNG path."""
+    from evaluation.figures import save_image_grid
+
+    folder = os.path.join(workdir, "controllable")
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, name)
+    tiles = torch.stack([p.clamp(0, 1).float() for p in panels], dim=1)  # (N, panels, C, H, W)
+    png = save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels))
+    np.savez_compressed(stem + ".npz", results=results)
+    with open(stem + ".json", "w") as handle:
+        json.dump(facts, handle, indent=2)
+    return png
+
+
+def _generator(config, device):
+    return torch.Generator(device=device).manual_seed(int(config.seed))
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+
+
+def run_inpaint(config, workdir: str, args) -> int:
+    """Fill the masked part of --input images (PC inpainting); grid rows: input | masked input | result."""
+    from data.transforms import get_data_inverse_scaler, get_data_scaler
+    from solvers.inpainting import check_mask, inpaint
+
+    _require_images(config, "inpaint")
+    images = load_images(config, getattr(args, "input", None))
+    mask = load_mask(config, getattr(args, "mask", None))
+    device, sde, score_fn, step = _setup(config, workdir, "inpaint")
+    x0 = get_data_scaler(config)(images).to(device)
+    mask = check_mask(mask, x0)
+    options = _pc_options(config, args)
+    with torch.no_grad():
+        out, used = inpaint(sde, score_fn, x0, mask, generator=_generator(config, device), **options)
+    result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
+    shown = images * mask.cpu() + 0.5 * (1 - mask.cpu())  # missing pixels in gray
+    facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used, "checkpoint_step": step,
+             "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
+    png = _save(workdir, f"inpaint_seed{config.seed}", [images, shown, result], _uint8(result), facts)
+    print(f"inpainted {len(images)} image(s) with NFE {used} -> {png}")
+    return 0
+
+
+def run_colorize(config, workdir: str, args) -> int:
+    """Color the gray version of --input images (decoupled inpainting); grid rows: input | gray | result."""
+    from data.transforms import get_data_inverse_scaler, get_data_scaler
+    from solvers.inpainting import colorize
+
+    channels, _ = _require_images(config, "colorize")
+    if channels != 3:
+        raise UserError(f"--mode colorize needs an RGB model (data.num_channels = 3), got {channels} channel(s)")
+    images = load_images(config, getattr(args, "input", None))
+    device, sde, score_fn, step = _setup(config, workdir, "colorize")
+    gray = images.mean(dim=1, keepdim=True)
+    options = _pc_options(config, args)
+    with torch.no_grad():
+        out, used = colorize(sde, score_fn, get_data_scaler(config)(gray).to(device),
+                             generator=_generator(config, device), **options)
+    result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
+    facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "checkpoint_step": step,
+             "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
+    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result), facts)
+    print(f"colorized {len(images)} image(s) with NFE {used} -> {png}")
+    return 0
+
+
+def run_interpolate(config, workdir: str, args) -> int:
+    """PF-ODE encode --input and --input2, slerp the latents, decode; grid rows: the frames from one to the other."""
+    from data.transforms import get_data_inverse_scaler, get_data_scaler
+    from solvers.interpolation import interpolate
+
+    _require_images(config, "interpolate")
+    first = load_images(config, getattr(args, "input", None), "--input")
+    second = load_images(config, getattr(args, "input2", None), "--input2")
+    if first.shape != second.shape:
+        raise UserError(f"--input and --input2 must hold the same number of images, got {len(first)} and {len(second)}")
+    num_frames = int(getattr(args, "num_frames", None) or 8)
+    device, sde, score_fn, step = _setup(config, workdir, "interpolate")
+    scaler = get_data_scaler(config)
+    lk = config.likelihood
+    with torch.no_grad():
+        frames, used = interpolate(sde, score_fn, scaler(first).to(device), scaler(second).to(device),
+                                   num_frames=num_frames, eps=float(config.sampling.eps),
+                                   rtol=float(lk.rtol), atol=float(lk.atol))
+    frames = get_data_inverse_scaler(config)(frames.float().cpu()).clamp(0, 1)  # (F, N, C, H, W)
+    panels = [first] + [frames[k] for k in range(num_frames)] + [second]
+    facts = {"mode": "interpolate", "input": args.input, "input2": args.input2, "num_frames": num_frames,
+             "nfe_used": used, "checkpoint_step": step, "rtol": float(lk.rtol), "atol": float(lk.atol)}
+    png = _save(workdir, "interpolate", panels, _uint8(frames), facts)
+    print(f"interpolated {len(first)} pair(s) in {num_frames} frames with NFE {used} -> {png}")
+    return 0
