@@ -124,3 +124,183 @@ def test_class_label_errors():
         check_class_label(0, 0)
     with pytest.raises(UserError, match="batch"):
         conditional_score(lambda x, t, y: x, torch.zeros(3, dtype=torch.long))(torch.zeros(4, 2), 0.5)
+
+
+# --- networks, label dropout, labelled data, training, CLI ------------------------------------------------------
+import configs  # noqa: E402
+import main  # noqa: E402
+import models  # noqa: E402
+from data.loaders import ToyStream, check_num_classes, get_data_stream  # noqa: E402
+from models.guidance import NoiseConditionalClassifier, classifier_log_prob_fn, conditional_score_fn  # noqa: E402
+from training.losses import drop_labels  # noqa: E402
+
+
+def _tiny_unet_config(num_classes):
+    config = configs.get_config("vp_digits")
+    config.model.nf, config.model.ch_mult, config.model.attn_resolutions = 8, (1, 2), ()
+    config.model.init_scale = 1.0  # outputs of order one (the zero-scaled output layer would hide differences)
+    config.data.num_classes = num_classes
+    return config
+
+
+@pytest.mark.parametrize("name", ["mlp", "ddpmpp"])
+def test_class_conditional_network_adds_only_the_class_embedding(name):
+    if name == "mlp":
+        plain_cfg, cond_cfg = configs.get_config("vp_toy"), configs.get_config("vp_toy_cond")
+    else:
+        plain_cfg, cond_cfg = _tiny_unet_config(0), _tiny_unet_config(10)
+    plain, cond = models.create_model(plain_cfg), models.create_model(cond_cfg)
+    k = int(cond_cfg.data.num_classes)
+    plain_names = dict(plain.named_parameters())
+    cond_names = dict(cond.named_parameters())
+    assert set(cond_names) - set(plain_names) == {"class_embed.weight"}
+    assert all(cond_names[n].shape == p.shape for n, p in plain_names.items())
+    assert cond.class_embed.weight.shape[0] == k + 1  # the null class is row k
+    cond.load_state_dict({**plain.state_dict(), "class_embed.weight": torch.zeros_like(cond.class_embed.weight)})
+    shape = (3, 2) if name == "mlp" else (3, 1, 8, 8)
+    x, labels = torch.randn(shape), torch.rand(3) * 999
+    with torch.no_grad():  # zero class embedding: the conditional net computes the unconditional function
+        torch.testing.assert_close(cond(x, labels, class_labels=torch.tensor([0, 1, 2])), plain(x, labels))
+        torch.nn.init.normal_(cond.class_embed.weight)
+        null = torch.full((3,), k)
+        torch.testing.assert_close(cond(x, labels), cond(x, labels, class_labels=null))  # None = null class
+        assert not torch.allclose(cond(x, labels, class_labels=torch.tensor([0, 1, 2])), cond(x, labels))
+
+
+def test_network_class_score_and_unconditional_errors():
+    cfg = configs.get_config("vp_toy_cond")
+    model = models.create_model(cfg)
+    torch.nn.init.normal_(model.class_embed.weight)
+    sde = VPSDE(0.1, 20.0, 1000)
+    class_score = conditional_score_fn(sde, model)
+    x, t = torch.randn(5, 2), torch.rand(5)
+    with torch.no_grad():
+        torch.testing.assert_close(class_score(x, t, torch.full((5,), 8)), models.get_score_fn(sde, model)(x, t))
+        torch.testing.assert_close(class_score(x, t, torch.full((5,), 2)),
+                                   -model(x, t * 999, class_labels=torch.full((5,), 2)) / sde.marginal_std(t)[:, None])
+    with pytest.raises(UserError, match="unconditional"):
+        conditional_score_fn(sde, models.create_model(configs.get_config("vp_toy")))
+    bad = configs.get_config("vp_toy_cond")
+    bad.model.name = "ncsnv2"
+    with pytest.raises(UserError, match="cannot be class-conditional"):
+        models.create_model(bad)
+    wrong = configs.get_config("vp_toy_cond")
+    wrong.data.num_classes = 5
+    with pytest.raises(UserError, match="has 8 classes"):
+        check_num_classes(wrong)
+
+
+def test_label_dropout():
+    labels = torch.randint(0, 10, (20000,))
+    g = torch.Generator().manual_seed(0)
+    dropped = drop_labels(labels, 0.1, 10, g)
+    null = dropped == 10
+    assert abs(float(null.float().mean()) - 0.1) < 0.01
+    assert torch.equal(dropped[~null], labels[~null])
+    assert torch.equal(drop_labels(labels, 0.0, 10, g), labels)
+    assert bool((drop_labels(labels, 1.0, 10, g) == 10).all())
+    with pytest.raises(UserError, match="p_uncond"):
+        drop_labels(labels, 1.5, 10)
+
+
+def test_labelled_streams():
+    stream = ToyStream("ring2d", 256, seed=1)
+    x, y = stream.labelled_batch(3)
+    assert torch.equal(x, stream.batch(3))  # the same draws as the unlabelled stream
+    ring = _ring()
+    assert float((ring.component_posterior(x.double()).argmax(1) == y).float().mean()) > 0.99
+    with pytest.raises(UserError, match="no classes"):
+        ToyStream("moons", 8, seed=1).labelled_batch(0)
+    config = configs.get_config("vp_digits_cond")
+    config.training.data_on_device = False
+    images = get_data_stream(config, 16)
+    from data.digits import load_digits_uint8
+    _, all_labels = load_digits_uint8()
+    _, labels = images.labelled_batch(2)
+    assert torch.equal(labels, torch.as_tensor(all_labels)[images.indices(2)])
+
+
+def _tiny_toy_cond(p_uncond):
+    config = configs.get_config("vp_toy_cond")
+    tr = config.training
+    tr.n_iters, tr.batch_size, tr.log_every, tr.snapshot_every, tr.plot_samples, tr.progress = 15, 64, 15, 15, 0, False
+    config.model.hidden_dim, config.model.num_layers, config.model.embedding_dim = 16, 1, 8
+    config.model.p_uncond, config.device = p_uncond, "cpu"
+    return config
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 0.3])
+def test_tiny_class_conditional_training_run(tmp_path, p_uncond):
+    from training.trainer import train
+
+    result = train(_tiny_toy_cond(p_uncond), str(tmp_path))
+    assert result.step == 15 and math.isfinite(result.loss)
+    rows = result.model.class_embed.weight.detach().abs().sum(1)
+    assert bool((rows[:8] > 0).all())  # every class was trained
+    # the null row (index 8) is trained only through label dropout
+    assert (float(rows[8]) > 0) == (p_uncond > 0)
+
+
+def test_noise_conditional_classifier_learns_the_exact_posterior(tmp_path):
+    from training.classifier import load_classifier, train_classifier
+
+    config = configs.get_config("vp_toy")  # an unconditional run can be guided by a classifier
+    config.classifier.hidden_dim, config.classifier.num_layers, config.classifier.batch_size = 64, 2, 256
+    config.classifier.lr, config.device = 3e-3, "cpu"
+    summary = train_classifier(config, str(tmp_path), n_iters=300)
+    classifier = load_classifier(config, str(tmp_path), torch.device("cpu"))
+    ring, sde = _ring(), VPSDE(0.1, 20.0, 1000)
+    x = ring.sample(2000, generator=torch.Generator().manual_seed(9))
+    t = torch.full((2000,), 0.3)
+    mean, std = sde.marginal_prob(x, t)
+    x_t = mean + std[:, None] * torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        learned = classifier_log_prob_fn(classifier)(x_t, t).exp().double()
+    exact = ring.component_posterior(x_t.double(), t.double(), sde)
+    tv = float(0.5 * (learned - exact).abs().sum(1).mean())
+    assert tv < 0.12, (tv, summary)
+    assert summary["accuracy_at_t"]["0.01"] > 0.95
+
+
+def test_classifier_network_shapes_and_errors(tmp_path):
+    clf = NoiseConditionalClassifier(4, 3, hidden_dim=8, num_layers=1, embedding_dim=8)
+    assert clf(torch.randn(5, 2, 2), torch.rand(5)).shape == (5, 3)
+    with pytest.raises(UserError, match="input values"):
+        clf(torch.randn(5, 3), torch.rand(5))
+    from training.classifier import load_classifier
+    with pytest.raises(UserError, match="no classifier"):
+        load_classifier(configs.get_config("vp_toy"), str(tmp_path), torch.device("cpu"))
+
+
+def test_sample_cli_guidance_errors(tmp_path, capsys):
+    def run(*extra, config="vp_toy_cond"):
+        return main.main(["--mode", "sample", "--config", config, "--workdir", str(tmp_path), *extra])
+    assert run("--guidance", "cfg", "--class_label", "1", config="vp_toy") == 2
+    assert "unconditional" in capsys.readouterr().err
+    assert run("--class_label", "0", config="vp_toy") == 2
+    assert "unconditional" in capsys.readouterr().err
+    assert run("--guidance", "cfg", "--class_label", "8") == 2
+    assert "out of range" in capsys.readouterr().err
+    assert run("--guidance", "cfg") == 2
+    assert "needs --class_label" in capsys.readouterr().err
+    assert run("--guidance", "classifier", "--class_label", "-1", config="vp_toy") == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_sample_cli_classifier_free_guidance_end_to_end(tmp_path):
+    import json
+    import os
+
+    from test_sample_cli import _write_untrained_checkpoint
+
+    config = _tiny_toy_cond(0.1)
+    small = ["--config.model.hidden_dim=16", "--config.model.num_layers=1", "--config.model.embedding_dim=8"]
+    _write_untrained_checkpoint(config, str(tmp_path))
+    code = main.main(["--mode", "sample", "--config", "vp_toy_cond", "--workdir", str(tmp_path), "--nfe", "10",
+                      "--num_samples", "50", "--class_label", "3", "--guidance", "cfg", "--guidance_scale", "2.5",
+                      *small])
+    assert code == 0
+    stem = os.path.join(str(tmp_path), "samples", "samples_em_nfe10_seed42_class3_cfg2.5")
+    info = json.load(open(stem + ".json"))
+    assert info["guidance"] == "cfg" and info["class_label"] == 3 and info["guidance_scale"] == 2.5
+    assert info["nfe_used"] == 10  # one (batched) network call per step
