@@ -167,8 +167,8 @@ def load_mask(config, spec: str | None) -> torch.Tensor:
     channels, size = int(config.data.num_channels), int(config.data.image_size)
     if spec is None:
         raise UserError("--mode inpaint needs --mask (a PNG / npz file, or one of: " + ", ".join(NAMED_MASKS) + ")")
-    if spec in NAMED_MASKS:
-        return named_mask(spec, channels, size)
+    if spec in NAMED_MASKS or not (os.path.isfile(spec) or spec.lower().endswith((".png", ".npz"))):
+        return named_mask(spec, channels, size)  # a name (or an unknown one: the error lists the names)
     raw = _read_array(spec, "--mask")
     array = raw.astype(np.float32)
     if raw.dtype == np.uint8 or array.max() > 1:

@@ -145,3 +145,83 @@ def test_interpolation_stays_on_the_data():
     assert float((radius - 2.0).abs().max()) < 0.6, radius
     with pytest.raises(UserError, match="same shape"):
         interpolate(SDE, ring.score_fn(SDE), x_a, torch.zeros(2, 2, dtype=torch.float64))
+
+
+# --- the CLI modes on a tiny untrained U-Net (files, shapes, known pixels, clear errors) -------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import configs  # noqa: E402
+import main  # noqa: E402
+
+TINY = ["--config.model.nf=8", "--config.model.ch_mult=(1, 2)", "--config.model.attn_resolutions=()",
+        "--config.sampling.predictor=euler_maruyama", "--config.device=cpu"]
+
+
+def _tiny_run(tmp_path, channels=1):
+    from test_sample_cli import _write_untrained_checkpoint
+
+    overrides = TINY + [f"--config.data.num_channels={channels}"]
+    config = configs.get_config("vp_digits")
+    configs.apply_overrides(config, [a[len("--config."):] for a in overrides])
+    workdir = str(tmp_path / "run")
+    _write_untrained_checkpoint(config, workdir)
+    images = (np.random.default_rng(0).random((2, channels, 8, 8)) * 255).astype(np.uint8)
+    path = str(tmp_path / "inputs.npz")
+    np.savez(path, images=images)
+    return workdir, overrides, path, images
+
+
+def _cli(mode, workdir, overrides, *extra):
+    return main.main(["--mode", mode, "--config", "vp_digits", "--workdir", workdir, "--nfe", "6", *overrides, *extra])
+
+
+def test_inpaint_cli_keeps_known_pixels_and_writes_a_grid(tmp_path):
+    workdir, overrides, path, images = _tiny_run(tmp_path)
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:, :4] = 255  # left half known
+    import matplotlib.image
+    matplotlib.image.imsave(str(tmp_path / "mask.png"), mask, cmap="gray")
+    assert _cli("inpaint", workdir, overrides, "--input", path, "--mask", str(tmp_path / "mask.png")) == 0
+    stem = os.path.join(workdir, "controllable", "inpaint_seed42")
+    results = np.load(stem + ".npz")["results"]
+    assert results.shape == images.shape and results.dtype == np.uint8
+    np.testing.assert_allclose(results[..., :4].astype(int), images[..., :4].astype(int), atol=1)
+    assert json.load(open(stem + ".json"))["nfe_used"] == 6
+    grid = matplotlib.image.imread(stem + ".png")
+    assert grid.shape[0] == 2 + 2 * 10 and grid.shape[1] == 2 + 3 * 10  # 2 rows: input | masked | result
+    assert _cli("inpaint", workdir, overrides, "--input", path, "--mask", "center") == 0
+
+
+def test_cli_input_and_mask_errors(tmp_path, capsys):
+    workdir, overrides, path, _ = _tiny_run(tmp_path)
+    wrong = str(tmp_path / "wrong.npz")
+    np.savez(wrong, mask=np.ones((4, 4)))
+    cases = [(["--input", path, "--mask", wrong], "has shape"),
+             (["--input", str(tmp_path / "nope.png"), "--mask", "left"], "does not exist"),
+             (["--input", path], "needs --mask"),
+             (["--input", path, "--mask", "diagonal"], "unknown mask"),
+             (["--mask", "left"], "--input is missing")]
+    for extra, message in cases:
+        assert _cli("inpaint", workdir, overrides, *extra) == 2
+        assert message in capsys.readouterr().err
+    assert _cli("colorize", workdir, overrides, "--input", path) == 2
+    assert "RGB model" in capsys.readouterr().err
+    big = str(tmp_path / "big.npz")
+    np.savez(big, images=np.zeros((1, 1, 16, 16), dtype=np.uint8))
+    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", big) == 2
+    assert "(1, 8, 8)" in capsys.readouterr().err
+
+
+def test_colorize_and_interpolate_cli(tmp_path):
+    workdir, overrides, path, images = _tiny_run(tmp_path, channels=3)
+    assert _cli("colorize", workdir, overrides, "--input", path) == 0
+    results = np.load(os.path.join(workdir, "controllable", "colorize_seed42.npz"))["results"]
+    assert results.shape == images.shape and results.dtype == np.uint8  # (untrained net: colors are noise)
+    second = str(tmp_path / "second.npz")
+    np.savez(second, images=images[::-1].copy())
+    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", second, "--num_frames", "4") == 0
+    frames = np.load(os.path.join(workdir, "controllable", "interpolate.npz"))["results"]
+    assert frames.shape == (4, 2, 3, 8, 8)
