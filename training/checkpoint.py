@@ -21,8 +21,9 @@ REQUIRED_KEYS = ("format", "model", "ema", "optimizer", "step", "config")
 RESUMABLE_CHANGES = ("training.n_iters", "training.log_every", "training.snapshot_every", "training.sample_every",
                      "training.compile", "training.progress", "training.plot_samples", "training.data_on_device",
                      "data.path", "device")
-# Sections that do not affect training at all (sampling and likelihood settings are read at use time).
-IGNORED_SECTIONS = ("sampling", "likelihood", "eval")
+# Sections that do not affect training at all (sampling and likelihood settings are read at use time;
+# the classifier of classifier guidance is trained separately, training/classifier.py).
+IGNORED_SECTIONS = ("sampling", "likelihood", "eval", "classifier")
 
 
 def checkpoint_dir(workdir: str) -> str:
