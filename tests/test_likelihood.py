@@ -377,3 +377,19 @@ def test_cli_writes_json_next_to_checkpoint(tmp_path):
     report = json.loads((tmp_path / "checkpoints" / "likelihood_test.json").read_text())
     assert report["num_samples"] == 8 and report["step"] == 3 and math.isfinite(report["bits_per_dim"])
     assert main.main(["--mode", "likelihood", "--config", "vp_toy", "--workdir", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.gpu
+def test_bits_per_dim_and_scipy_path_on_cuda():
+    scale, sde = (2.0, -1.0), VPSDE()
+    mixture, k = _discretized_gaussian_case(scale, 0.0, 0.4, n=32)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    bpd, _ = bits_per_dim(sde, _image_score(mixture, sde), k.cuda(), data_scale=scale, generator=generator,
+                          dtype=torch.float64, divergence="exact")
+    cpu, _ = bits_per_dim(sde, _image_score(mixture, sde), k, data_scale=scale,
+                          generator=torch.Generator().manual_seed(0), dtype=torch.float64, divergence="exact")
+    assert bpd.is_cuda and abs(bpd.mean().item() - cpu.mean().item()) < 0.05  # different dequantization draws
+    x = 2 * dequantize(k, dtype=torch.float64) - 1
+    ref, _, _ = log_likelihood(sde, _image_score(mixture, sde), x, divergence="exact", method="scipy_rk45")
+    gpu, _, _ = log_likelihood(sde, _image_score(mixture, sde), x.cuda(), divergence="exact", method="scipy_rk45")
+    torch.testing.assert_close(gpu.cpu(), ref, rtol=1e-6, atol=1e-5)
