@@ -14,7 +14,8 @@ Score functions:
 
 Examples:
   python scripts/bench_likelihood.py --data digits --score gaussian --num_images 64 --batch_size 64
-  python scripts/bench_likelihood.py --data cifar10 --score ddpmpp --device cuda --num_images 500 --batch_size 500
+  python scripts/bench_likelihood.py --data cifar10 --score ddpmpp --net_config ssde_vp_cifar10_ddpmpp_continuous \
+      --device cuda --num_images 500 --batch_size 250 --repeats 1
 """
 from __future__ import annotations
 
@@ -64,16 +65,19 @@ def gaussian_score(images: np.ndarray, sde, scale):
     return score_fn, mixture
 
 
-def ddpmpp_score(images: np.ndarray, sde_name: str, device, init_scale: float = 0.1):
-    """A small randomly initialised DDPM++ network and its score function."""
+def ddpmpp_score(images: np.ndarray, sde_name: str, device, init_scale: float = 0.1, net_config: str = ""):
+    """A randomly initialised network and its score function: a small DDPM++, or the one of `net_config`."""
     import configs
     import models
     from sde_lib import get_sde
 
-    config = configs.get_config({"vp": "vp_toy", "subvp": "subvp_toy", "ve": "ve_toy"}[sde_name])
+    if net_config:  # e.g. ssde_vp_cifar10_ddpmpp_continuous: the paper-size network, random weights
+        config = configs.get_config(net_config)
+    else:
+        config = configs.get_config({"vp": "vp_toy", "subvp": "subvp_toy", "ve": "ve_toy"}[sde_name])
+        config.model.update(name="ddpmpp", nf=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
     config.data.update(kind="image", image_size=images.shape[-1], num_channels=images.shape[1], centered=True)
-    config.model.update(name="ddpmpp", nf=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                        init_scale=init_scale)
+    config.model.init_scale = init_scale
     torch.manual_seed(0)
     model = models.create_model(config).to(device).eval()
     for parameter in model.parameters():
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--data", default="digits", choices=["digits", "cifar10"])
     parser.add_argument("--score", default="gaussian", choices=["gaussian", "ddpmpp"])
     parser.add_argument("--sde", default="vp", choices=list(SDES))
+    parser.add_argument("--net_config", default="", help="with --score ddpmpp: take the network of this named "
+                        "config (random weights), e.g. ssde_vp_cifar10_ddpmpp_continuous; default a small DDPM++")
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--methods", default="dopri5,dopri5_rms,scipy_rk45",
@@ -142,7 +148,7 @@ def main() -> None:
     sde, scale = SDES[args.sde](), (2.0, -1.0)
     score_fn, mixture = gaussian_score(images, sde, scale)
     if args.score == "ddpmpp":
-        score_fn = combined_score(score_fn, ddpmpp_score(images, args.sde, device))
+        score_fn = combined_score(score_fn, ddpmpp_score(images, args.sde, device, net_config=args.net_config))
 
     results = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
