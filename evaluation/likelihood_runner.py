@@ -9,7 +9,6 @@ reported in nats/dim and bits/dim without dequantization; for the analytic mixtu
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -18,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from errors import UserError
-from likelihood import bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr
+from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
+                        nats_per_dim, nats_to_bits)
 from sde_lib import VPSDE, get_sde, subVPSDE
 
 SPLITS = ("train", "test")
@@ -67,16 +67,16 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     for lo, hi in bar:
         x = points[lo:hi].to(device=device, dtype=torch.float32)
         logp, _, nfe = log_likelihood(sde, score_fn, x, generator=generator, **options)
-        nats.append((-logp.double() / dim).cpu())
+        nats.append(nats_per_dim(logp.double(), dim).cpu())
         nfes.append(nfe)
         if mixture is not None:
-            reference.append((-mixture.marginal_log_prob(points[lo:hi], options["eps"], sde) / dim).cpu())
+            reference.append(nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim))
         bar.set_postfix(nats_per_dim=f"{torch.cat(nats).mean():.4f}", nfe=nfe)
     _synchronize(device)
     seconds = time.perf_counter() - start_time
     mean, stderr = mean_and_stderr(torch.cat(nats))
     report = {"nats_per_dim": mean, "nats_per_dim_stderr": stderr,
-              "bits_per_dim": mean / math.log(2), "bits_per_dim_stderr": stderr / math.log(2),
+              "bits_per_dim": nats_to_bits(mean), "bits_per_dim_stderr": nats_to_bits(stderr),
               "num_samples": count, "dim": dim, "dequantized": False,
               "mean_nfe": float(np.mean(nfes)), "samples_per_s": count / seconds, "seconds": seconds}
     if mixture is not None:
