@@ -90,25 +90,31 @@ class ImageStream:
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
             generator = step_generator(self.seed, epoch, 0, _SALT_ORDER)
-            self._perms[epoch] = torch.randperm(self.n, generator=generator)
+            # Drawn on the CPU (the same order on every device), moved once per epoch to where the images are.
+            self._perms[epoch] = torch.randperm(self.n, generator=generator).to(self.images.device)
         return self._perms[epoch]
 
     def indices(self, step: int) -> torch.Tensor:
-        """Row indices of this process's batch at `step` (global batch = batch_size x world_size rows)."""
+        """Row indices of this process's batch at `step` (global batch = batch_size x world_size rows).
+
+        Positions start .. start + batch_size - 1 of the endless sequence of epoch permutations: slices of
+        the device-resident permutations, so no index tensor crosses from the host per step (no sync).
+        """
         global_batch = self.batch_size * self.world_size
-        start = step * global_batch + self.rank * self.batch_size
-        positions = torch.arange(start, start + self.batch_size)
-        epochs, within = positions // self.n, positions % self.n
-        out = torch.empty(self.batch_size, dtype=torch.long)
-        for epoch in torch.unique(epochs).tolist():
-            mask = epochs == epoch
-            out[mask] = self._permutation(int(epoch))[within[mask]]
-        return out
+        position = step * global_batch + self.rank * self.batch_size
+        end = position + self.batch_size
+        pieces = []
+        while position < end:
+            epoch, within = divmod(position, self.n)
+            take = min(end - position, self.n - within)
+            pieces.append(self._permutation(epoch)[within:within + take])
+            position += take
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def batch(self, step: int) -> torch.Tensor:
         """The (batch_size, C, H, W) float batch of this process at `step`, in the model's range."""
         idx = self.indices(step)
-        pixels = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+        pixels = self.images[idx].to(self.device, non_blocking=True)
         generator = step_generator(self.seed, step, self.rank, _SALT_DATA, device=self.device)
         x = to_unit_interval(pixels, self.dequantize, generator)
         if self.flip:
@@ -123,6 +129,8 @@ class ImageStream:
         if self.labels is None:
             raise UserError("this image data set has no class labels (class-conditional training needs digits "
                             "or cifar10)")
+        if self.labels.device != self.images.device:
+            self.labels = self.labels.to(self.images.device)
         return self.batch(step), self.labels[self.indices(step)].to(self.device, non_blocking=True)
 
 

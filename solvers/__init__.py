@@ -9,6 +9,7 @@ from solvers.registry import SAMPLERS, register
 # Importing the sampler modules fills the table (each module registers its names).
 from solvers import pc, ald, ode, torchsde_sampler  # noqa: E402,F401  (em, pc, reverse_diffusion, ancestral, ald, ode*, sde_*)
 from solvers.ode import decode, encode  # noqa: E402
+from solvers.accel import accelerate_score_fn  # noqa: E402
 from solvers import adaptive, ddim, dpm_solver, heun  # noqa: E402,F401  (adaptive, ddim, dpm*, heun)
 
 
@@ -18,14 +19,21 @@ def available_solvers() -> list[str]:
 
 
 def sample(sde, score_fn, shape, solver: str = "em", nfe: int | None = None, eps: float = 1e-3,
-           x_T: torch.Tensor | None = None, generator: torch.Generator | None = None, **options):
-    """Draw samples of `shape` with the named solver; returns (samples, nfe_used)."""
+           x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           compile: bool = False, cuda_graph: bool = False, **options):
+    """Draw samples of `shape` with the named solver; returns (samples, nfe_used).
+
+    `compile` / `cuda_graph` (opt-in, see solvers/accel.py) run the network through torch.compile and/or
+    replay it from a CUDA graph; meant for the fixed-step samplers, a plain call on CPU.
+    """
     if solver not in SAMPLERS:
         raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
     if nfe is not None and int(nfe) <= 0:
         raise UserError(f"nfe must be positive, got {nfe}")
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise UserError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    if compile or cuda_graph:
+        score_fn = accelerate_score_fn(score_fn, compile=compile, cuda_graph=cuda_graph)
     return SAMPLERS[solver](sde, score_fn, tuple(shape), nfe=nfe, eps=eps, x_T=x_T, generator=generator, **options)
 
 

@@ -106,6 +106,73 @@ class _State:
             set_rng_state(state["rng"])
 
 
+class TrainStep:
+    """One optimisation step of the train loop (`train` and benchmarks/throughput.py both call this one).
+
+    `step_fn(step) -> (loss, grad_norm)`, both detached device tensors: the batch of this process at `step`,
+    weighted DSM loss (or the configured objective) under autocast(`autocast_dtype`) with float32 master
+    weights, backward, gradient clipping, AdamW (fused on CUDA), EMA update. No host synchronisation.
+    """
+
+    def __init__(self, config, sde, state: "_State", stream, device: torch.device,
+                 info: distributed.DistInfo = distributed.DistInfo(), *, autocast_dtype: torch.dtype | None = None):
+        tr = config.training
+        self.config, self.state, self.stream, self.device, self.info = config, state, stream, device, info
+        model = state.model
+        train_model: nn.Module = model
+        if info.world_size > 1:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if tr.compile:
+            train_model = torch.compile(train_model)
+        self.train_model = train_model
+        self.loss_fn = get_loss_fn(config, sde)
+        self.score_fn = models.get_score_fn(sde, train_model, continuous=bool(tr.continuous))
+        self.num_classes = check_num_classes(config)  # > 0: class-conditional with label dropout (issue 8)
+        self.class_score_fn = (conditional_score_fn(sde, train_model, bool(tr.continuous))
+                               if self.num_classes else None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.max_norm = float(tr.grad_clip) if float(tr.grad_clip) > 0 else math.inf
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        config, state, info = self.config, self.state, self.info
+        generator = step_generator(config.seed, step, info.rank, _SALT_LOSS, device=self.device)
+        torch.manual_seed(stream_seed(config.seed, step, info.rank, _SALT_DROPOUT))  # dropout masks
+        if self.class_score_fn is None:
+            x0, step_score_fn = self.stream.batch(step), self.score_fn
+        else:
+            x0, y = self.stream.labelled_batch(step)
+            y = drop_labels(y, float(config.model.p_uncond), self.num_classes, generator)
+            step_score_fn = conditional_score(self.class_score_fn, y)
+        lr = learning_rate(config, step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        with self._autocast():
+            loss = self.loss_fn(step_score_fn, x0, generator)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        state.optimizer.step()
+        state.ema.update(state.model)
+        state.step = step + 1
+        return loss.detach(), grad_norm.detach()
+
+
+def new_train_step(config, stream, device: torch.device, *,
+                   autocast_dtype: torch.dtype | None = None) -> TrainStep:
+    """A fresh model/EMA/optimizer (channels_last for images on CUDA) and its TrainStep over `stream`."""
+    channels_last = device.type == "cuda" and config.data.kind == "image"
+    state = _State(config, device, channels_last)
+    state.model.train()
+    return TrainStep(config, get_sde(config), state, stream, device, autocast_dtype=autocast_dtype)
+
+
 def _resume(state: _State, config, workdir: str, device: torch.device) -> bool:
     path = checkpoint_path(workdir)
     if not os.path.exists(path):
@@ -219,7 +286,6 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     channels_last = on_cuda and is_image
     autocast_bf16 = on_cuda and bool(tr.bf16)  # CPU always trains in float32
     sde = get_sde(config)
-    loss_fn = get_loss_fn(config, sde)
     per_rank_batch = int(tr.batch_size) // info.world_size
     stream = get_data_stream(config, per_rank_batch, rank=info.rank, world_size=info.world_size, device=device,
                              channels_last=channels_last)
@@ -239,22 +305,13 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
         return TrainResult(start, 0, math.nan, 0.0, ckpt, model=state.model)
 
     model = state.model
-    train_model: nn.Module = model
-    if info.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
-    if tr.compile:
-        train_model = torch.compile(train_model)
-    score_fn = models.get_score_fn(sde, train_model, continuous=bool(tr.continuous))
-    num_classes = check_num_classes(config)  # > 0: class-conditional with label dropout (issue 8)
-    class_score_fn = conditional_score_fn(sde, train_model, bool(tr.continuous)) if num_classes else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = float(tr.grad_clip) if float(tr.grad_clip) > 0 else math.inf
+    train_step = TrainStep(config, sde, state, stream, device, info,
+                           autocast_dtype=torch.bfloat16 if autocast_bf16 else None)
     log_every, snapshot_every = int(tr.log_every), int(tr.snapshot_every)
     sample_every = int(tr.get("sample_every", 0) or 0)
     logger = TrainLogger(workdir, start, int(tr.n_iters), enabled=info.is_main, progress=progress)
     if resumed:
         logger.message(f"[train] resumed from {ckpt} at step {start}")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext())
 
     loss_sum = torch.zeros((), device=device)
     grad_sum = torch.zeros((), device=device)
@@ -266,28 +323,11 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     model.train()
     try:
         for step in range(start, end):
-            generator = step_generator(config.seed, step, info.rank, _SALT_LOSS, device=device)
-            torch.manual_seed(stream_seed(config.seed, step, info.rank, _SALT_DROPOUT))  # dropout masks
-            if class_score_fn is None:
-                x0, step_score_fn = stream.batch(step), score_fn
-            else:
-                x0, y = stream.labelled_batch(step)
-                y = drop_labels(y, float(config.model.p_uncond), num_classes, generator)
-                step_score_fn = conditional_score(class_score_fn, y)
+            loss, grad_norm = train_step(step)
             lr = learning_rate(config, step)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                loss = loss_fn(step_score_fn, x0, generator)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            state.optimizer.step()
-            state.ema.update(model)
-            state.step = step + 1
-            loss_sum += loss.detach().float()
-            grad_sum += grad_norm.detach().float()
-            bad |= ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach()))
+            loss_sum += loss.float()
+            grad_sum += grad_norm.float()
+            bad |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
             window += 1
             done = state.step
             log_due = done % log_every == 0 or done == end

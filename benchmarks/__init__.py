@@ -1,0 +1,1 @@
+"""Throughput benchmarks (scripts; run from the repository root)."""
