@@ -152,7 +152,9 @@ def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
                          and math.isfinite(r[metric]))
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=solver, color=cmap(k % 20))
-        if floor.get(metric) is not None:
+        if metric == "logp_gap" and "logp_gap_se" in floor:  # one draw of a signed gap is no scale; its SE is
+            ax.axhline(floor["logp_gap_se"], color="k", ls="--", lw=1, label="std. error (exact samples)")
+        elif floor.get(metric) is not None:
             ax.axhline(abs(floor[metric]), color="k", ls="--", lw=1, label="noise floor")
         ax.set_xscale("log")
         ax.set_yscale("log")
