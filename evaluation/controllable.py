@@ -37,6 +37,7 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     guidance = str(getattr(args, "guidance", None) or "none")
     label = getattr(args, "class_label", None)
     scale = getattr(args, "guidance_scale", None)
+    scale_given = scale is not None
     scale = 1.0 if scale is None else float(scale)
     num_classes = int(config.data.get("num_classes", 0))
     if guidance not in GUIDANCE:
@@ -44,6 +45,8 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     if guidance == "cfg" and num_classes == 0:
         raise UserError("classifier-free guidance needs a class-conditional model (data.num_classes > 0, e.g. "
                         "--config vp_toy_cond); this run's model is unconditional")
+    if guidance == "none" and scale_given:
+        raise UserError("--guidance_scale needs --guidance cfg or --guidance classifier")
     if guidance != "none" and label is None:
         raise UserError(f"--guidance {guidance} needs --class_label")
     if guidance == "classifier":

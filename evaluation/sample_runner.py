@@ -118,7 +118,8 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
     num_samples = getattr(args, "num_samples", None) or int(config.sampling.num_samples)
     seed = int(config.seed)
     device = get_device(config)
-    if getattr(args, "class_label", None) is None and getattr(args, "guidance", None) in (None, "none"):
+    if (getattr(args, "class_label", None) is None and getattr(args, "guidance", None) in (None, "none")
+            and getattr(args, "guidance_scale", None) is None):
         sde, score_fn, step = load_score_fn(config, workdir, device)
         guidance = {}
     else:  # --class_label / --guidance / --guidance_scale (issue 8)

@@ -4,6 +4,10 @@ Inpainting: the known part of x(t) is not sampled but replaced, after every pred
 step, by a forward-perturbed copy of the data, alpha(t) x0 + std(t) z (a draw of p_0t(x(t) | x0) restricted to
 the known coordinates); the unknown part follows the reverse SDE with the unconditional score, and at the end
 the known part is the data itself. The predictor and corrector steps are the PC sampler's own classes.
+The method is approximate: the unknown part sees the known part through independent noisy copies, not through
+p_t(x_known(t) | x_unknown(t), x0). With an exact Gaussian score (tests/test_inpainting.py: d = 3, one known
+coordinate, EM + Langevin snr 0.3, NFE 400) the conditional mean is within 0.01 and the covariance about 10%
+too wide; the corrector steps at small t do most of the conditioning.
 
 Colorization: with an orthogonal 3x3 matrix M whose first row maps RGB to the gray direction (1, 1, 1)/sqrt(3),
 y = M x per pixel "decouples" gray (y_0) and color (y_1, y_2). Because the forward SDE is isotropic it commutes

@@ -283,6 +283,8 @@ def test_sample_cli_guidance_errors(tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
     assert run("--guidance", "cfg") == 2
     assert "needs --class_label" in capsys.readouterr().err
+    assert run("--guidance_scale", "2", "--class_label", "1") == 2
+    assert "needs --guidance" in capsys.readouterr().err
     assert run("--guidance", "classifier", "--class_label", "-1", config="vp_toy") == 2
     assert "out of range" in capsys.readouterr().err
 
