@@ -71,9 +71,16 @@ class _ChainPredictor(Predictor):
                 raise UserError(f"{type(self).__name__}: a {self.n_steps}-step DDPM chain has beta = {top:.3g} >= 1; "
                                 f"use more steps (n > beta_max = {sde.beta_max}) or another predictor")
 
-    def chain_time(self, i: int) -> float:
-        """Time that `discrete_index` maps exactly to chain index i."""
-        return i * self.sde.T / (self.n_steps - 1)
+    def chain_time(self, i: int, t: torch.Tensor) -> float | torch.Tensor:
+        """The time handed to the chain's `discretize` for chain index i (score time t on the grid).
+
+        DDPM's and SMLD's steps depend on t only through `discrete_index`; the middle of index i's interval,
+        (i + 1/2) T / (n-1), maps to i whatever the float rounding (i T / (n-1) itself fails in float32 for
+        n ~ 10^4). Other chains (sub-VP: Euler-Maruyama) use the grid time.
+        """
+        if type(self.sde) in (VPSDE, VESDE):
+            return (i + 0.5) * self.sde.T / (self.n_steps - 1)
+        return t
 
 
 class ReverseDiffusionPredictor(_ChainPredictor):
@@ -82,7 +89,7 @@ class ReverseDiffusionPredictor(_ChainPredictor):
     def update(self, x, t, t_next, i, noise):
         # The score is evaluated at the grid time t; the chain coefficients are those of chain index i.
         rsde = self.chain_sde.reverse(lambda y, _: self.score_fn(y, batch_time(t, y)))
-        f, G = rsde.discretize(x, self.chain_time(i))
+        f, G = rsde.discretize(x, self.chain_time(i, t))
         x_mean = x - f
         return x_mean + broadcast_to(G, x) * noise(), x_mean
 
