@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import GaussianMixture  # noqa: E402
-from likelihood import bits_per_dim, mean_and_stderr  # noqa: E402
+from likelihood import bits_per_dim, joint_rms_norm, mean_and_stderr  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
 
 SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
@@ -90,12 +90,6 @@ def combined_score(gaussian, network):
     return lambda x, t: gaussian(x, t) + NET_WEIGHT * network(x, t)
 
 
-def rms_norm(state) -> torch.Tensor:
-    """scipy's error norm: RMS over the whole state (torchdiffeq passes the tuple (x, delta log p))."""
-    flat = torch.cat([part.reshape(-1) for part in state]) if isinstance(state, tuple) else state.reshape(-1)
-    return flat.pow(2).mean().sqrt()
-
-
 def run_method(method, sde, score_fn, images, batch_size, scale, args, device):
     """bpd per image, mean NFE per batch and wall seconds for one integrator.
 
@@ -104,7 +98,7 @@ def run_method(method, sde, score_fn, images, batch_size, scale, args, device):
     """
     options = {}
     if method.endswith("_rms"):
-        method, options = method[:-4], {"options": {"norm": rms_norm}}
+        method, options = method[:-4], {"options": {"norm": joint_rms_norm}}
     generator = torch.Generator(device=device).manual_seed(args.seed)
     bpds, nfes = [], []
     if device.type == "cuda":

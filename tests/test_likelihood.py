@@ -11,7 +11,7 @@ from scipy.stats import norm
 from data import GaussianMixture, toy_mixture
 from errors import UserError
 from likelihood import (bits_per_dim, bpd_offset, ddpm_bound_terms, dequantize, eps_fn_from_score,
-                        log_likelihood, logp_to_bpd, mean_and_stderr)
+                        joint_rms_norm, log_likelihood, logp_to_bpd, mean_and_stderr)
 from likelihood.ddpm_bound import DDPMSchedule, discretized_gaussian_nll
 from sde_lib import VESDE, VPSDE, subVPSDE
 
@@ -88,6 +88,12 @@ def test_torchdiffeq_and_scipy_agree(divergence):
     torch.testing.assert_close(z_t, z_s, rtol=1e-3, atol=1e-3)
     assert nfe_s > 10 and nfe_t > 10
     assert logp_s.dtype == torch.float64 and z_s.shape == x.shape
+    # With scipy's error norm the batched path takes about the reference's steps.
+    logp_r, _, nfe_r = log_likelihood(sde, mixture.score_fn(sde), x, eps=EPS, divergence=divergence,
+                                      generator=torch.Generator().manual_seed(7), options={"norm": joint_rms_norm})
+    print(f"{divergence}: NFE dopri5 {nfe_t}, dopri5 + RMS norm {nfe_r}, scipy RK45 {nfe_s}")
+    assert ((logp_r - logp_s).abs().max() / mixture.dim).item() < 1e-4
+    assert abs(nfe_r - nfe_s) <= 0.25 * nfe_s
 
 
 def test_float32_and_image_shaped_inputs():
