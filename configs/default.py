@@ -97,6 +97,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.snr = 0.16
     sampling.n_steps_each = 1
     sampling.noise_removal = True
+    sampling.compile = False  # torch.compile the network for sampling (solvers/accel.py)
+    sampling.cuda_graph = False  # replay the network from a CUDA graph (fixed-shape loops; no-op on CPU)
 
     config.likelihood = likelihood = ml_collections.ConfigDict()
     likelihood.eps = 1e-5

@@ -20,6 +20,7 @@ from errors import UserError
 from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
                         nats_per_dim, nats_to_bits)
 from sde_lib import VPSDE, get_sde, subVPSDE
+from training import distributed
 
 SPLITS = ("train", "test")
 _SPLIT_SALT = {"train": 0x7A, "test": 0x7E}  # toy splits: disjoint seeds, never the training stream's
@@ -58,21 +59,25 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     count = batch_size * num_batches if num_batches > 0 else int(config.likelihood.toy_num_samples)
     points = _toy_points(config, split, count)
     dim = points.shape[1]
-    generator = torch.Generator(device=device).manual_seed(int(config.seed))
     options = _likelihood_options(config)
-    nats, nfes, reference = [], [], []
+    nats, nfes, reference = {}, {}, {}
     mixture = toy_mixture(str(config.data.dataset)) if str(config.data.dataset) in TOY_MIXTURES else None
     start_time = time.perf_counter()
-    bar = tqdm(_batches(count, batch_size, 0), desc=f"likelihood {split}", unit="batch", disable=not progress)
-    for lo, hi in bar:
+    ranges, info = _batches(count, batch_size, 0), distributed.current_info()
+    bar = tqdm(distributed.my_share(len(ranges), info), desc=f"likelihood {split}", unit="batch",
+               disable=not progress or not info.is_main)
+    for index in bar:
+        lo, hi = ranges[index]
+        generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
         x = points[lo:hi].to(device=device, dtype=torch.float32)
         logp, _, nfe = log_likelihood(sde, score_fn, x, generator=generator, **options)
-        nats.append(nats_per_dim(logp.double(), dim).cpu())
-        nfes.append(nfe)
+        nats[index] = nats_per_dim(logp.double(), dim).cpu()
+        nfes[index] = nfe
         if mixture is not None:
-            reference.append(nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim))
-        bar.set_postfix(nats_per_dim=f"{torch.cat(nats).mean():.4f}", nfe=nfe)
+            reference[index] = nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim)
+        bar.set_postfix(nats_per_dim=f"{torch.cat(list(nats.values())).mean():.4f}", nfe=nfe)
     _synchronize(device)
+    nats, nfes, reference = (distributed.gather_indexed(v, info) for v in (nats, nfes, reference))
     seconds = time.perf_counter() - start_time
     mean, stderr = mean_and_stderr(torch.cat(nats))
     report = {"nats_per_dim": mean, "nats_per_dim_stderr": stderr,
@@ -95,27 +100,31 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     images = torch.from_numpy(np.ascontiguousarray(images))
     batch_size = int(config.likelihood.batch_size)
     ranges = _batches(images.shape[0], batch_size, num_batches)
-    generator = torch.Generator(device=device).manual_seed(int(config.seed))
     options = _likelihood_options(config)
     scale = data_scale(config)
-    bpds, nfes, bounds = [], [], []
+    bpds, nfes, bounds = {}, {}, {}
     with_bound = bool(config.likelihood.get("ddpm_bound", False))
     if with_bound:
         eps_fn = _ddpm_eps_fn(config, sde, score_fn)
     start_time = time.perf_counter()
-    bar = tqdm(ranges, desc=f"bits/dim {split}", unit="batch", disable=not progress)
-    for lo, hi in bar:
+    info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
+    bar = tqdm(distributed.my_share(len(ranges), info), desc=f"bits/dim {split}", unit="batch",
+               disable=not progress or not info.is_main)
+    for index in bar:
+        lo, hi = ranges[index]
+        generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
         batch = images[lo:hi].to(device)
         bpd, nfe = bits_per_dim(sde, score_fn, batch, data_scale=scale, num_dequant=int(config.likelihood.num_dequant),
                                 generator=generator, **options)
-        bpds.append(bpd.cpu())
-        nfes.append(nfe / int(config.likelihood.num_dequant))
+        bpds[index] = bpd.cpu()
+        nfes[index] = nfe / int(config.likelihood.num_dequant)
         if with_bound:
             num_terms = int(config.likelihood.ddpm_num_terms) or None
-            bounds.append(ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
-                                         variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu())
-        bar.set_postfix(bpd=f"{torch.cat(bpds).mean():.4f}", nfe=nfe)
+            bounds[index] = ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
+                                           variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu()
+        bar.set_postfix(bpd=f"{torch.cat(list(bpds.values())).mean():.4f}", nfe=nfe)
     _synchronize(device)
+    bpds, nfes, bounds = (distributed.gather_indexed(v, info) for v in (bpds, nfes, bounds))
     seconds = time.perf_counter() - start_time
     count = sum(hi - lo for lo, hi in ranges)
     mean, stderr = mean_and_stderr(torch.cat(bpds))
@@ -173,8 +182,7 @@ def format_report(report: dict) -> str:
 
 def run(config, workdir: str, args) -> int:
     """Entry point of `main.py --mode likelihood`."""
-    import models
-    from training.checkpoint import checkpoint_dir, restore_model
+    from training.checkpoint import checkpoint_dir
     from training.device import get_device
 
     split = args.split or str(config.likelihood.split)
@@ -182,14 +190,14 @@ def run(config, workdir: str, args) -> int:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if args.num_batches is not None and args.num_batches <= 0:
         raise UserError(f"--num_batches must be positive, got {args.num_batches}")
-    device = get_device(config)
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)  # the divergence needs grads w.r.t. x only
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
-    num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
-    report = evaluate(config, sde, score_fn, split, num_batches, device)
+    group = distributed.setup(get_device(config))  # `torchrun --nproc_per_node=K`: the batches are shared
+    try:
+        device = distributed.local_device(get_device(config), group)
+        report, step = _evaluate_run(config, workdir, split, args, device)
+    finally:
+        distributed.cleanup(group)
+    if not group.is_main:
+        return 0
     report["step"] = step
     print(format_report(report))
     path = os.path.join(checkpoint_dir(workdir), f"likelihood_{split}.json")
@@ -197,3 +205,17 @@ def run(config, workdir: str, args) -> int:
         json.dump(report, handle, indent=2, sort_keys=True)
     print(f"wrote {path}")
     return 0
+
+
+def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) -> tuple[dict, int]:
+    """The likelihood report of the run's EMA weights on `split`, and the checkpoint step."""
+    import models
+    from training.checkpoint import restore_model
+
+    sde = get_sde(config)
+    model, step = restore_model(config, workdir, device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # the divergence needs grads w.r.t. x only
+    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+    num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
+    return evaluate(config, sde, score_fn, split, num_batches, device), step

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from training import distributed
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
@@ -53,17 +54,22 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     if batch_size <= 0:
         raise UserError(f"config.sampling.batch_size must be positive, got {batch_size}")
     options = sampler_options(config, solver)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    options.update({key: True for key in ("compile", "cuda_graph") if config.sampling.get(key, False)})
     shape = sample_shape(config)
-    chunks, nfes = [], []
+    chunks, nfes = {}, {}
     sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
+    # Under torchrun each process draws its share of the batches (each batch seeded on its own) and all
+    # processes gather the result: the samples do not depend on the number of processes.
+    info = distributed.current_info()
+    mine = distributed.my_share(len(sizes), info)
     with torch.no_grad():
-        for size in tqdm(sizes, desc=f"sampling ({solver})", disable=not progress or len(sizes) < 2):
-            x, used = sample(sde, score_fn, (size,) + shape, solver=solver, nfe=nfe,
+        for index in tqdm(mine, desc=f"sampling ({solver})", disable=not progress or len(mine) < 2 or not info.is_main):
+            generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(seed, index))
+            x, used = sample(sde, score_fn, (sizes[index],) + shape, solver=solver, nfe=nfe,
                              eps=float(config.sampling.eps), generator=generator, **options)
-            chunks.append(x.float().cpu())
-            nfes.append(int(used))
-    return torch.cat(chunks), nfes
+            chunks[index] = x.float().cpu()
+            nfes[index] = int(used)
+    return torch.cat(distributed.gather_indexed(chunks, info)), distributed.gather_indexed(nfes, info)
 
 
 def to_data_space(config, x: torch.Tensor) -> np.ndarray:
@@ -142,8 +148,21 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
 
 
 def run(config, workdir: str, args) -> int:
-    """Sample with args.solver/nfe/num_samples (or config.sampling's) and write npz + JSON + PNG."""
-    samples, info = sample_from_run(config, workdir, args)
+    """Sample with args.solver/nfe/num_samples (or config.sampling's) and write npz + JSON + PNG.
+
+    Under `torchrun --nproc_per_node=K` the batches are shared among the processes; rank 0 writes the files.
+    """
+    from training.device import get_device
+
+    group = distributed.setup(get_device(config))
+    if group.world_size > 1 and get_device(config).type == "cuda":
+        config.device = str(distributed.local_device(get_device(config), group))  # cuda:LOCAL_RANK
+    try:
+        samples, info = sample_from_run(config, workdir, args)
+    finally:
+        distributed.cleanup(group)
+    if not group.is_main:
+        return 0
     if not np.isfinite(samples.astype(np.float64)).all():
         print(f"warning: {int((~np.isfinite(samples)).sum())} non-finite values in the samples")
     info["layout"] = "uint8 NCHW" if config.data.get("kind", "toy") == "image" else "float32 (N, dim)"

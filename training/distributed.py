@@ -87,3 +87,37 @@ def cleanup(info: DistInfo) -> None:
     """Leave the process group if `setup` created it."""
     if info.initialized and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def current_info() -> DistInfo:
+    """Where this process sits in an already joined process group (a single process when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), False)
+    return DistInfo()
+
+
+def my_share(count: int, info: DistInfo) -> list[int]:
+    """Indices 0..count-1 of the work items (batches) this process handles: every world_size-th from its rank."""
+    return list(range(info.rank, int(count), info.world_size))
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Seed of work item `index`: `seed` itself for the first, a hashed (seed, index) for the others.
+
+    Seeding each batch on its own makes sampling and likelihood results independent of how many processes
+    share the batches (the first batch is drawn exactly as a single-batch run always drew it).
+    """
+    if index == 0:
+        return int(seed)
+    from data.loaders import stream_seed
+
+    return stream_seed(int(seed), int(index), 0, 0xBA7C)
+
+
+def gather_indexed(local: dict, info: DistInfo) -> list:
+    """Every process's {index: value} merged, as a list in index order (all_gather of picklable values)."""
+    if info.world_size > 1:
+        parts: list = [None] * info.world_size
+        dist.all_gather_object(parts, local)
+        local = {k: v for part in parts for k, v in part.items()}
+    return [local[k] for k in sorted(local)]
