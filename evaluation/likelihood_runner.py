@@ -211,6 +211,7 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) 
     """The likelihood report of the run's EMA weights on `split`, and the checkpoint step."""
     import models
     from training.checkpoint import restore_model
+    from training.device import strict_float32
 
     sde = get_sde(config)
     model, step = restore_model(config, workdir, device)
@@ -218,4 +219,5 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) 
         parameter.requires_grad_(False)  # the divergence needs grads w.r.t. x only
     score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
-    return evaluate(config, sde, score_fn, split, num_batches, device), step
+    with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
+        return evaluate(config, sde, score_fn, split, num_batches, device), step

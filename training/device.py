@@ -1,6 +1,8 @@
 """Pick the compute device from the config."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from errors import UserError
@@ -17,3 +19,18 @@ def get_device(config) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:K") from None
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """Disable TF32 in CUDA matmuls and cuDNN convolutions inside the block (exact float32 arithmetic).
+
+    PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default on Ampere and later; the
+    likelihood must be computed in true float32 (issue 6). Restores the previous settings on exit.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
