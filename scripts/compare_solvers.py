@@ -247,7 +247,7 @@ def main(argv=None) -> int:
               f"{args.threads} thread(s), torch {torch.__version__}; total {total:.0f} s.")
     write_markdown(args.out + ".md", rows, floor, header, budgets)
     write_plot(args.out + ".png", rows, floor, what)
-    print(f"noise floor: " + " ".join(f"{m}={_fmt(floor[m])}" for m in METRICS))
+    print("noise floor: " + " ".join(f"{m}={_fmt(floor[m])}" for m in METRICS))
     print(f"wrote {args.out}.csv, {args.out}.md, {args.out}.png in {total:.0f} s")
     return 0
 

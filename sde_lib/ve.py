@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from sde_lib.base import SDE, batch_time, broadcast_to
+from sde_lib.base import SDE, batch_time
 from sde_lib.vp import standard_normal, standard_normal_logp
 
 

@@ -1,6 +1,8 @@
 """Samplers that take an `SDE` and a `score_fn(x, t)` and report their number of score evaluations."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from errors import UserError
@@ -32,6 +34,12 @@ def sample(sde, score_fn, shape, solver: str = "em", nfe: int | None = None, eps
         raise UserError(f"nfe must be positive, got {nfe}")
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise UserError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    accepted = [name for name in inspect.signature(SAMPLERS[solver]).parameters
+                if name not in ("sde", "score_fn", "shape", "nfe", "eps", "x_T", "generator")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(f"solver {solver!r} has no option {', '.join(map(repr, unknown))}; "
+                        f"its options: {', '.join(accepted) or 'none'}")
     if compile or cuda_graph:
         score_fn = accelerate_score_fn(score_fn, compile=compile, cuda_graph=cuda_graph)
     return SAMPLERS[solver](sde, score_fn, tuple(shape), nfe=nfe, eps=eps, x_T=x_T, generator=generator, **options)

@@ -1,5 +1,4 @@
 """Data loaders on small synthetic files: CIFAR-10 pickle folder / npz parts, image folders, image and toy streams."""
-import os
 import pickle
 
 import numpy as np

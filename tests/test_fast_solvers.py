@@ -22,15 +22,6 @@ FIXED_STEP = ["ddim", "heun", "dpm2", "dpm3", "dpm2m", "dpm3m", "dpmpp2m", "dpmp
 EPS = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: one intra-op thread is faster than two on a loaded CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(name, sde, score_fn, x_T, nfe, seed=0, **options):
     """Call a registered sampler directly with a seeded CPU generator."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,15 +14,6 @@ from models.ema import ExponentialMovingAverage
 from sde_lib import VESDE, VPSDE, subVPSDE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from threads, and on a busy machine OpenMP spin-waits cost 10-100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Recorder(nn.Module):
     """A fake network: output = 2 x + 1 (any shape), remembering the labels it was given."""
 
@@ -230,7 +221,6 @@ def test_ema_store_copy_restore_and_state_dict():
 
 
 # --- U-Nets -----------------------------------------------------------------------------
-import itertools  # noqa: E402
 
 import scipy.signal  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -317,3 +317,14 @@ def test_clear_user_errors(call, match):
     sde, score = _ring_vp()
     with pytest.raises(UserError, match=match):
         call(sde, score)
+
+
+def test_unknown_solver_option_is_a_clear_error():
+    from data import toy_mixture
+    from errors import UserError
+    from sde_lib import VPSDE
+    from solvers import sample
+
+    sde = VPSDE()
+    with pytest.raises(UserError, match=r"solver 'ddim' has no option 'snr'; its options: eta, schedule"):
+        sample(sde, toy_mixture("ring2d").score_fn(sde), (4, 2), solver="ddim", nfe=5, snr=0.1)
