@@ -208,7 +208,7 @@ def bench_likelihood(config, device: torch.device, batch: int, tol: float, scipy
     out = {}
     # dopri5 with torchdiffeq's error norm (max over x and the log-density) and with scipy's (RMS over the
     # joint state, `likelihood.joint_rms_norm`), which makes its step sizes comparable to the RK45 reference
-    methods = {"dopri5": None, "dopri5_joint_norm": {"norm": likelihood.joint_rms_norm}}
+    methods = {"dopri5": None, "dopri5_rms": {"norm": likelihood.joint_rms_norm}}
     if scipy:
         methods["scipy_rk45"] = None
     for label, options in methods.items():
@@ -218,7 +218,7 @@ def bench_likelihood(config, device: torch.device, batch: int, tol: float, scipy
             generator = torch.Generator(device=device).manual_seed(0)
             result["bpd"], result["nfe"] = likelihood.bits_per_dim(
                 sde, score_fn, images, data_scale=data_scale(config), generator=generator,
-                method=label.removesuffix("_joint_norm"), rtol=tol, atol=tol, eps=float(config.likelihood.eps),
+                method=label.removesuffix("_rms"), rtol=tol, atol=tol, eps=float(config.likelihood.eps),
                 divergence=str(config.likelihood.divergence), options=options)
 
         with strict_float32():
