@@ -54,7 +54,11 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     if batch_size <= 0:
         raise UserError(f"config.sampling.batch_size must be positive, got {batch_size}")
     options = sampler_options(config, solver)
-    options.update({key: True for key in ("compile", "cuda_graph") if config.sampling.get(key, False)})
+    accel = {key: True for key in ("compile", "cuda_graph") if config.sampling.get(key, False)}
+    if accel:  # wrapped once: one CUDA-graph capture / compilation serves every batch of the same size
+        from solvers.accel import accelerate_score_fn
+
+        score_fn = accelerate_score_fn(score_fn, **accel)
     shape = sample_shape(config)
     chunks, nfes = {}, {}
     sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
