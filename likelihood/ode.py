@@ -30,6 +30,7 @@ import torchdiffeq
 from errors import UserError
 from likelihood.divergence import DIVERGENCES, draw_probes, exact_divergence, hutchinson_divergence
 from sde_lib.base import SDE, ScoreFn
+from solvers.common import CountingScore  # the NFE counter the samplers use
 
 SCIPY_METHOD = "scipy_rk45"
 
@@ -39,18 +40,6 @@ def torchdiffeq_methods() -> list[str]:
     from torchdiffeq._impl.odeint import SOLVERS
 
     return sorted(m for m in SOLVERS if m != "scipy_solver") + [SCIPY_METHOD]
-
-
-class CountingScore:
-    """Wraps a score function and counts its calls (the NFE)."""
-
-    def __init__(self, score_fn: ScoreFn):
-        self.score_fn = score_fn
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.score_fn(x, t)
 
 
 def _check_inputs(sde: SDE, x: torch.Tensor, eps: float, method: str, rtol: float, atol: float,
