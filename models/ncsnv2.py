@@ -34,7 +34,7 @@ class InstanceNormPlus(nn.Module):
         self.beta = nn.Parameter(torch.zeros(num_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in >= float32, float64 kept
         means = xf.mean(dim=(2, 3))  # (B, C)
         var = xf.var(dim=(2, 3), unbiased=False, keepdim=True)
         h = (xf - means[:, :, None, None]) / torch.sqrt(var + 1e-5)
