@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from typing import Any
 
 import ml_collections
 import numpy as np
 import torch
 
+from atomic_io import atomic_write
 from errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -68,19 +68,7 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 
     If anything fails before the rename, the previous checkpoint at `path` is left as it was.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
