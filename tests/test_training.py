@@ -1,4 +1,5 @@
 """Train loop: learning on the 2-D ring, exact resume, checkpoint safety, divergence, DDP with gloo."""
+import errno
 import os
 import socket
 
@@ -156,10 +157,10 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def failing_save(obj, handle):
         handle.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="no space left on device"):
         save_checkpoint(path, {"anything": 1})
     assert open(path, "rb").read() == before
     assert os.listdir(os.path.dirname(path)) == ["checkpoint.pt"]  # temp file removed
