@@ -190,6 +190,62 @@ def test_langevin_corrector_step_size_follows_snr():
     assert torch.allclose(mean, x + step * s) and torch.allclose(out, mean + torch.sqrt(2 * step) * z)
 
 
+def test_ald_corrector_step_is_the_reference_formula():
+    """pc's `ald` corrector: step 2 alpha_i (snr sigma(t))^2, x <- x + step s + sqrt(2 step) z (the score SDE code's
+    AnnealedLangevinDynamics), alpha_i = 1 - beta_i at i = int(t (N - 1) / T) for VP, 1 for VE."""
+    g = torch.Generator().manual_seed(2)
+    x, s, z = (torch.randn(32, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = 0.37
+    for sde in (VESDE(), VPSDE()):
+        for snr in (0.1, 0.3):
+            corrector = CORRECTORS["ald"](sde, lambda y, tt: s, n_steps=1, snr=snr)
+            out, mean = corrector.update(x, torch.tensor(t, dtype=torch.float64), lambda: z)
+            sigma = sde.marginal_std(torch.tensor(t, dtype=torch.float64))
+            if isinstance(sde, VPSDE):
+                betas = torch.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N, dtype=torch.float64)
+                alpha = 1 - betas[int(t * (sde.N - 1) / sde.T)]
+            else:
+                alpha = 1.0
+            step = 2 * alpha * (snr * sigma) ** 2
+            assert torch.allclose(mean, x + step * s, rtol=1e-12)
+            assert torch.allclose(out, mean + torch.sqrt(2 * step) * z, rtol=1e-12)
+
+
+@pytest.mark.parametrize("snr", [0.4, 0.6])
+def test_ald_corrector_stationary_variance_follows_snr(snr):
+    """Many `ald` corrector steps on a Gaussian p_t = N(0, v): the unadjusted Langevin chain's stationary variance
+    is v / (1 - h / (2 v)) with h = 2 (snr sigma)^2 (VE), so snr sets it in closed form (1.19 v at snr 0.4,
+    1.57 v at 0.6; a corrector ignoring snr, e.g. NCSN's 0.2 sigma^2 step, gives 1.05 v for both)."""
+    sde, t, n = VESDE(0.01, 5.0), 0.9, 20000
+    target = GaussianMixture([1.0], [[0.0]], [[0.1]])
+    sigma2 = sde.marginal_std(torch.tensor(t, dtype=torch.float64)).item() ** 2
+    v = 0.01 + sigma2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 1, generator=g, dtype=torch.float64) * math.sqrt(v)
+    corrector = CORRECTORS["ald"](sde, target.score_fn(sde), n_steps=60, snr=snr)
+    out, _ = corrector.update(x, torch.tensor(t, dtype=torch.float64),
+                              lambda: torch.randn(n, 1, generator=g, dtype=torch.float64))
+    h = 2 * snr ** 2 * sigma2
+    expected = v / (1 - h / (2 * v))
+    assert abs(out.var().item() / expected - 1) < 4 * math.sqrt(2 / n), (out.var().item(), expected)
+
+
+def test_ncsn_ald_sampler_is_song_and_ermon_step():
+    """The `ald` sampler's default is NCSN's step eps = 0.2 sigma_L^2, and a given step_eps is honoured."""
+    sde = VESDE(0.01, 20.0)
+    g = torch.Generator().manual_seed(4)
+    x, s, z = (torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    for step_eps in (2e-5, 1e-4):
+        corrector = CORRECTORS["ald"](sde, lambda y, tt: s, n_steps=1, snr=0.16, step_eps=step_eps, t_min=EPS)
+        t = torch.tensor(0.6, dtype=torch.float64)
+        out, mean = corrector.update(x, t, lambda: z)
+        sigma, sigma_l = sde.marginal_std(t), sde.marginal_std(torch.tensor(EPS, dtype=torch.float64))
+        alpha = step_eps * sigma ** 2 / sigma_l ** 2  # Song & Ermon 2019, alg. 1
+        assert torch.allclose(mean, x + alpha / 2 * s) and torch.allclose(out, mean + alpha.sqrt() * z)
+    from solvers.ald import NCSN_SNR
+    assert math.isclose(NCSN_SNR, math.sqrt(0.2 * 0.01 ** 2) / (2 * 0.01))
+
+
 # --- probability-flow ODE -------------------------------------------------------------------------------
 @pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(0.01, 20.0)], ids=["vp", "subvp", "ve"])
 def test_pf_ode_encode_decode_roundtrip(sde):
@@ -312,6 +368,8 @@ def _ring_vp():
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="sde_srk", nfe=5), "too small"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="ancestral", nfe=10), "beta = 2 >= 1"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="em", x_T=torch.zeros(3, 2)), "x_T has shape"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", step_eps=1e-4), "step_eps applies to the 'ald'"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", corrector="ald", snr=0.0), "snr must be positive"),
 ])
 def test_clear_user_errors(call, match):
     sde, score = _ring_vp()
