@@ -133,7 +133,7 @@ def test_ddim_eta0_converges_to_probability_flow(ring_reference):
     sde, score_fn, x_T, ref = ring_reference
     err = {n: (run("ddim", sde, score_fn, x_T, n)[0] - ref).abs().max().item() for n in (50, 500)}
     assert err[500] < 1e-2  # measured 5.7e-3
-    assert err[50] / err[500] > 7  # first order: ~10x for 10x the steps (measured 9.4)
+    assert 7 < err[50] / err[500] < 14  # first order: ~10x for 10x the steps (measured 9.4; second order: 100x)
 
 
 def test_ddim_eta0_is_deterministic_and_heun_euler_stage_equals_it():
@@ -175,14 +175,17 @@ ORDER_CASES = [  # (sampler, sde, options, nfe, order); nfe -> 2 nfe doubles the
                          ids=[f"{c[0]}-{type(c[1]).__name__}-{'-'.join(map(str, c[2].values())) or 'default'}"
                               for c in ORDER_CASES])
 def test_convergence_order_on_exact_gaussian_flow(name, sde, options, nfe, order):
-    """Error against the closed-form PF-ODE map drops ~2^order when the steps double."""
+    """Error against the closed-form PF-ODE map drops ~2^order when the steps double: the measured order
+    p = log2(coarse / fine) lies within 0.25 below and 0.3 above `order` (so a second-order method fails the
+    first-order band). Third-order methods converge faster than 3 on this Gaussian (measured p = 2.8-4.0: the
+    leading error terms partly cancel for a Gaussian target), so their band is [2.75, 4.1]."""
     x_T = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     exact = gaussian_flow(sde, GAUSSIAN, x_T)
     score_fn = GAUSSIAN.score_fn(sde)
     coarse = (run(name, sde, score_fn, x_T, nfe, **options)[0] - exact).abs().max().item()
     fine = (run(name, sde, score_fn, x_T, 2 * nfe, **options)[0] - exact).abs().max().item()
-    ratio = coarse / fine
-    assert 0.75 * 2 ** order < ratio < 2.5 * 2 ** order, (coarse, fine, ratio)
+    measured = math.log2(coarse / fine)  # measured: ddim 0.98, heun 1.88-2.08, dpm2(m)/dpmpp2m 1.95-2.08
+    assert order - 0.25 < measured < (order + 0.3 if order < 3 else 4.1), (coarse, fine, measured)
 
 
 @pytest.mark.parametrize("name,nfe,min_ratio", [("dpm2", (80, 160), 2.5), ("dpm3", (59, 119), 5.0),

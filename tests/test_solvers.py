@@ -261,6 +261,30 @@ def test_pf_ode_encode_decode_roundtrip(sde):
         sde.marginal_std(torch.tensor(1.0)))
 
 
+@pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(0.01, 20.0)], ids=["vp", "subvp", "ve"])
+def test_pf_ode_encode_decode_match_the_exact_gaussian_flow(sde):
+    """For a Gaussian target N(mu, diag(s^2)) every linear SDE has p_t = N(alpha mu, alpha^2 s^2 + sigma^2) and the
+    PF-ODE map is affine: (x - alpha mu) / sqrt(alpha^2 s^2 + sigma^2) is constant along it. So the latent of x at
+    eps is m_T + sd_T / sd_eps (x - m_eps), per coordinate, and decode is its inverse."""
+    target = GaussianMixture([1.0], [[1.5, -0.5]], [[0.3, 0.6]])
+    x = target.sample(64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def moments(t):
+        t = torch.tensor(t, dtype=torch.float64)
+        a, sig = sde.mean_coeff(t), sde.marginal_std(t)
+        return a * target.means[0], torch.sqrt(a ** 2 * target.stds[0] ** 2 + sig ** 2)
+
+    (m_eps, sd_eps), (m_T, sd_T) = moments(EPS), moments(sde.T)
+    z, _ = solvers.encode(sde, target.score_fn(sde), x, eps=EPS, rtol=1e-8, atol=1e-8)
+    exact_z = m_T + sd_T / sd_eps * (x - m_eps)
+    # measured relative error at rtol = atol = 1e-8: 1e-8 (VP, sub-VP), 4e-8 (VE)
+    assert torch.allclose(z, exact_z, rtol=1e-6, atol=1e-6 * sd_T.max().item()), (z - exact_z).abs().max()
+    prior = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    back, _ = solvers.decode(sde, target.score_fn(sde), prior, eps=EPS, rtol=1e-8, atol=1e-8)
+    exact_back = m_eps + sd_eps / sd_T * (prior - m_T)
+    assert torch.allclose(back, exact_back, rtol=1e-6, atol=1e-6), (back - exact_back).abs().max()
+
+
 def test_decoded_prior_samples_have_the_mixture_weights():
     mixture = GaussianMixture([0.6, 0.3, 0.1], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], [0.3, 0.3, 0.3])
     sde = VPSDE()
@@ -327,14 +351,19 @@ def test_generator_makes_samples_reproducible(solver):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("solver", ["em", "pc", "ode", "sde_torchsde"])
+@pytest.mark.parametrize("solver", solvers.available_solvers())
 def test_x_T_and_dtype_are_respected(solver):
-    mixture, sde = toy_mixture("ring2d"), VPSDE()
-    x_T = torch.randn(8, 2, dtype=torch.float64)
-    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=60, x_T=x_T,
+    """Every sampler starts from the caller's x_T, keeps its dtype and leaves the caller's tensor unchanged."""
+    mixture = toy_mixture("ring2d")
+    sde = sde_for(solver)
+    x_T = sde.prior_sampling((8, 2), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    before = x_T.clone()
+    nfe = None if solver in ("ode", "ode_scipy", "adaptive") else 60
+    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=nfe, x_T=x_T,
                           generator=torch.Generator().manual_seed(0))
-    assert x.dtype == torch.float64
-    assert torch.equal(x_T, x_T.clone())  # not modified in place
+    assert x.dtype == torch.float64 and x.shape == (8, 2)
+    assert torch.equal(x_T, before)  # not modified in place
+    assert not torch.equal(x, before)
 
 
 @pytest.mark.gpu
