@@ -119,6 +119,45 @@ def test_full_sweep_error_falls_to_noise_floor(solver, target):
     assert sw < SW_FACTOR * floor_sw
 
 
+# One cheap 64-dimensional check per sampler family in the default run (the full mix64 sweep is `-m slow`).
+# (solver, (small budget, options), (large budget, options), gap at the small budget is beyond this (signed),
+#  |gap| at the large budget below this). Gaps are E_true[log p] - E_samples[log p] on mix64 (VP), n = 1000
+# float32 samples, standard error 0.2. Measured (seeds 1, 2, 3): em -3.8/-3.8/-3.6 -> 0.01/0.33/0.25;
+# ancestral 25 -> 100: 0.67/0.30/0.57 -> -0.09/0.21/0.17; pc (snr 0.05) 2.65/2.65/2.9 -> 0.30/0.56/0.66;
+# dopri5 rtol 1e-2 -> 1e-4: -1.4/-2.1/-1.5 -> 0.35/-0.17/-0.06; torchsde euler 4.05/3.88/3.67 -> 0.89/0.64/0.67.
+# Bounds: the residual bias of the large budget plus 3 standard errors.
+MIX64_FAMILIES = [
+    ("em", (20, {}), (100, {}), -2.0, 0.9),
+    ("ancestral", (25, {}), (100, {}), None, 0.8),
+    ("pc", (60, {"snr": 0.05}), (200, {"snr": 0.05}), 1.5, 1.3),
+    ("ode", (None, {"rtol": 1e-2, "atol": 1e-2}), (None, {"rtol": 1e-4, "atol": 1e-4}), -0.7, 0.7),
+    ("sde_torchsde", (20, {}), (100, {}), 2.0, 1.4),
+]
+
+
+@pytest.fixture(scope="module")
+def mix64():
+    mixture = toy_mixture("mix64")
+    big = mixture.sample(20000, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return mixture, mixture.log_prob(big).mean().item()  # E_true[log p], standard error 0.04
+
+
+@pytest.mark.parametrize("solver,small,large,small_beyond,large_below", MIX64_FAMILIES,
+                         ids=[c[0] for c in MIX64_FAMILIES])
+def test_mix64_cheap_check_per_family(mix64, solver, small, large, small_beyond, large_below):
+    mixture, true_logp = mix64
+    sde = VPSDE()
+    gaps = []
+    for nfe, options in (small, large):
+        x, _ = solvers.sample(sde, mixture.score_fn(sde), (1000, 64), solver=solver, nfe=nfe, eps=EPS,
+                              generator=torch.Generator().manual_seed(1), **options)
+        gaps.append(true_logp - mixture.log_prob(x.double()).mean().item())
+    assert abs(gaps[1]) < large_below, gaps
+    if small_beyond is not None:  # the small budget is clearly worse, on the side its discretization errs
+        assert gaps[0] * math.copysign(1, small_beyond) > abs(small_beyond), gaps
+    assert mode_weight_tv(x, mixture) < 0.07  # binomial noise of the 5 weights at n = 1000: ~0.03
+
+
 def test_ald_on_discrete_ve():
     """ALD (NCSN) with a VE SDE of 10 discrete noise levels' geometric range recovers the ring's modes."""
     mixture = toy_mixture("ring2d")
