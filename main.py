@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask", default=None, help="inpainting mask (PNG / npz, 1 = known) or "
                         "left|right|top|bottom|center")
     parser.add_argument("--num_frames", type=int, default=None, help="interpolation frames (default 8)")
+    parser.add_argument("--allow_large", action="store_true", help="lift the sane upper bounds on budgets and "
+                        "counts (--nfe, numbers of samples, iterations; see validation.py)")
     return parser
 
 
@@ -112,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         configs.apply_overrides(config, overrides)
         if args.solver is not None:
             check_solver(args.solver)
-        if args.nfe is not None and args.nfe <= 0:
-            raise CLIError(f"--nfe must be positive, got {args.nfe}")
-        if args.num_samples is not None and args.num_samples <= 0:
-            raise CLIError(f"--num_samples must be positive, got {args.num_samples}")
         if args.seed is not None:
             config.seed = args.seed
         workdir = args.workdir or f"runs/{args.config.replace('/', '_').removesuffix('.py')}"
+        from sde_lib import get_sde
+        from validation import validate_run
+
+        validate_run(config, args, workdir, get_sde)  # flags, config, memory, output folders: before any work
         runner = load_runner(args.mode)
         code = runner(config, workdir, args)
     except (CLIError, UserError) as error:

@@ -1,4 +1,5 @@
-"""`--mode eval`: sample quality of a trained run, written as JSON to `eval/eval_{solver}_nfe{K}_seed{S}.json`.
+"""`--mode eval`: sample quality of a trained run, written as JSON to `eval/eval_{solver}_nfe{K}_seed{S}[_h<hash>].json`
+(the hash as for `--mode sample`, evaluation/outputs.py).
 
 Toy data: sliced Wasserstein-2 distance to exact data samples, with the metric's noise floor (two exact
 sets of the same size); for the analytic mixtures also the mode-weight TV error and the mean log-density gap.
@@ -7,15 +8,16 @@ available; the report gives the per-channel mean/std of the samples (use `--mode
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 
+from atomic_io import write_json
 from errors import UserError
 from evaluation.metrics import mean_log_density_gap, mode_weight_tv, sliced_wasserstein
-from evaluation.sample_runner import sample_from_run
+from evaluation.sample_runner import output_stem, sample_from_run
+from validation import check_output_files
 
 
 def toy_report(config, samples: np.ndarray, seed: int) -> dict:
@@ -59,16 +61,15 @@ def image_report(samples: np.ndarray) -> dict:
 
 def run(config, workdir: str, args) -> int:
     """Draw samples from the latest checkpoint and report their quality as JSON."""
+    stem, settings = output_stem(config, args, os.path.join(workdir, "eval"), "eval")
+    path = stem + ".json"
+    check_output_files([path])  # before the work, not after
     samples, facts = sample_from_run(config, workdir, args)
     report = {key: facts[key] for key in ("solver", "nfe_requested", "nfe_used", "num_samples", "seed",
                                           "checkpoint_step", "dataset", "seconds")}
     image = config.data.get("kind", "toy") == "image"
     report.update(image_report(samples) if image else toy_report(config, samples, facts["seed"]))
-    folder = os.path.join(workdir, "eval")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"eval_{facts['solver']}_nfe{facts['nfe_requested']}_seed{facts['seed']}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(path, {**report, "settings": settings})
     for key, value in report.items():
         print(f"{key}: {value}")
     print(f"-> {path}")

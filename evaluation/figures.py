@@ -1,12 +1,13 @@
 """Figures: 2-D sample scatter plots (optionally next to reference samples) and image grids (matplotlib Agg)."""
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 import torch
 
+from atomic_io import save_figure, write_bytes
 from errors import UserError
 
 
@@ -23,11 +24,6 @@ def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32 if x.is_floating_point() else x.dtype).numpy()
     return np.asarray(x)
-
-
-def _prepare_path(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
 
 
 def save_scatter(path: str, samples, reference=None, title: str = "", max_points: int = 5000) -> str:
@@ -60,9 +56,10 @@ def save_scatter(path: str, samples, reference=None, title: str = "", max_points
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _prepare_path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)  # atomic: temp file + fsync + rename
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -90,6 +87,7 @@ def save_image_grid(path: str, images, nrow: int | None = None) -> str:
     """Save (N, C, H, W) images (uint8, or float in [0, 1]) as one PNG grid with `nrow` images per row."""
     plt = _pyplot()
     grid = make_grid(images, nrow)
-    _prepare_path(path)
-    plt.imsave(path, grid)
+    buffer = io.BytesIO()
+    plt.imsave(buffer, grid, format="png")
+    write_bytes(path, buffer.getvalue())  # atomic: temp file + fsync + rename
     return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import io
 import math
 import os
 import platform
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic_io import save_figure, write_text  # noqa: E402
 from errors import UserError  # noqa: E402
 from evaluation.metrics import mixture_report  # noqa: E402
 from solvers import SAMPLERS, available_solvers, sample  # noqa: E402
@@ -131,8 +133,7 @@ def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budget
         lines += ["Not run (the solver refused the setting):", ""]
         lines += [f"- {s} ({n})" for s, n in skipped]
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
@@ -164,7 +165,7 @@ def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
     axes[0][0].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -234,13 +235,15 @@ def main(argv=None) -> int:
     total = time.time() - total
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".csv", "w", newline="") as f:
+    table = io.StringIO(newline="")
+    with table as f:
         writer = csv.DictWriter(f, fieldnames=["solver", "setting", "nfe_requested", "nfe_used", *METRICS,
                                                "seconds", "note"])
         writer.writeheader()
         writer.writerow({"solver": "noise_floor", "setting": "exact vs exact", **{m: floor[m] for m in METRICS}})
         for r in rows:
             writer.writerow(r)
+        write_text(args.out + ".csv", f.getvalue())
     command = "python scripts/compare_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"### {what}\n\n`{command}` — {n} samples per run, seed {args.seed}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime())}, {platform.machine()} CPU, "

@@ -240,6 +240,7 @@ def convert_checkpoint(src: str, config, workdir: str, config_name: str = "", ov
     Afterwards `main.py --mode sample|likelihood --config <the same config> --workdir workdir` use its EMA
     weights (through `training.checkpoint.restore_model`).
     """
+    from atomic_io import write_text
     from training.checkpoint import checkpoint_path, config_to_json, save_checkpoint
 
     out = checkpoint_path(workdir)
@@ -252,6 +253,5 @@ def convert_checkpoint(src: str, config, workdir: str, config_name: str = "", ov
                                "config": config_name, "ema_decay": state["ema"]["decay"]}
     os.makedirs(workdir, exist_ok=True)
     save_checkpoint(out, state)
-    with open(os.path.join(workdir, "config.json"), "w") as handle:
-        handle.write(config_to_json(config))
+    write_text(os.path.join(workdir, "config.json"), config_to_json(config))
     return ConversionReport(path=out, step=state["step"], **facts)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 import models
+from atomic_io import write_json, write_text
 from models.guidance import conditional_score_fn
 from data.loaders import check_num_classes, data_shape, get_data_stream, stream_seed, step_generator
 from errors import UserError
@@ -32,7 +32,13 @@ _SALT_LOSS, _SALT_DROPOUT, _SALT_PLOT = 0x1055, 0xD409, 0x9107
 
 
 class TrainingDiverged(UserError):
-    """The loss or the gradient became NaN or infinite."""
+    """The loss, the gradient, the weights or the EMA weights became NaN or infinite."""
+
+
+def weights_finite(state: "_State") -> torch.Tensor:
+    """A device bool: every model weight and EMA shadow weight is finite (one reduction, no host sync)."""
+    tensors = [p.detach() for p in state.model.parameters()] + list(state.ema.shadow_params)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 @dataclasses.dataclass
@@ -297,8 +303,7 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     ckpt = checkpoint_path(workdir)
     if info.is_main:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as handle:
-            handle.write(config_to_json(config))
+        write_text(os.path.join(workdir, "config.json"), config_to_json(config))
     if start >= end:
         if info.is_main:
             print(f"[train] {ckpt} is already at step {start} (training.n_iters={tr.n_iters}); nothing to do")
@@ -334,10 +339,13 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
             snapshot_due = done % snapshot_every == 0 or done == end
             if not (log_due or snapshot_due):
                 continue
-            # One synchronisation per logging window, never per step.
+            # One synchronisation per logging window, never per step; weights and EMA are checked too, so a
+            # snapshot never holds NaN/inf and "the last good checkpoint" is always good.
+            bad |= ~weights_finite(state)
             if distributed.broadcast_flag(bool(bad.item()), info, device):
                 raise TrainingDiverged(
-                    f"training diverged: the loss or gradient became NaN/inf between steps {last_good} and {done}; "
+                    f"training diverged: the loss, gradient, weights or EMA weights became NaN/inf between steps "
+                    f"{last_good} and {done}; "
                     f"the last good checkpoint ({ckpt}, step {last_good if os.path.exists(ckpt) else 'none'}) "
                     "was kept; lower training.lr, raise training.warmup or check the data")
             last_good = done
@@ -364,6 +372,6 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
         logger.close()
     seconds = time.perf_counter() - t0
     if info.is_main:
-        with open(os.path.join(workdir, "train_summary.json"), "w") as handle:
-            json.dump({"step": state.step, "loss": last_loss, "seconds": seconds, "sw2": sw2}, handle, indent=1)
+        write_json(os.path.join(workdir, "train_summary.json"),
+                   {"step": state.step, "loss": last_loss, "seconds": seconds, "sw2": sw2}, indent=1)
     return TrainResult(state.step, end - start, last_loss, seconds, ckpt, samples_path, sw2, model)
