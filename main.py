@@ -22,9 +22,16 @@ class CLIError(Exception):
     """A problem with the command line, reported as one line."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one CLIError line (not usage text and SystemExit)."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `--config.KEY=VALUE` overrides are collected separately."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description="Score-based generative modeling through SDEs: train, sample, compute bits/dim.",
         epilog="Override any config value with --config.KEY=VALUE, e.g. --config.training.batch_size=64.")
     parser.add_argument("--mode", required=True, help=f"one of: {', '.join(MODES)}")

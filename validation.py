@@ -110,7 +110,8 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
     check_int("data.num_classes", data.get("num_classes", 0), 0, 1_000_000)
     if mode == "train":
         tr = config.training
-        for key in ("batch_size", "n_iters", "log_every", "snapshot_every"):
+        check_int("training.batch_size", tr.batch_size, 1)  # bounded by the memory estimate
+        for key in ("n_iters", "log_every", "snapshot_every"):
             check_int(f"training.{key}", tr[key], 1, hi, hint)
         check_int("training.warmup", tr.warmup, 0, hi)
         check_int("training.sample_every", tr.get("sample_every", 0) or 0, 0)
@@ -126,7 +127,7 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
         s = config.sampling
         check_int("sampling.nfe", s.nfe, 1, None if allow_large else MAX_NFE, hint)
         check_int("sampling.num_samples", s.num_samples, 1, hi, hint)
-        check_int("sampling.batch_size", s.batch_size, 1, hi, hint)
+        check_int("sampling.batch_size", s.batch_size, 1)  # bounded by the memory estimate
         check_time("sampling.eps", s.eps, T)
         check_real("sampling.snr", s.snr, 0.0, 100.0, lo_open=True)
         check_int("sampling.n_steps_each", s.n_steps_each, 0, 1000)
@@ -137,7 +138,7 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
     if mode == "likelihood":
         lk = config.likelihood
         check_time("likelihood.eps", lk.eps, T)
-        check_int("likelihood.batch_size", lk.batch_size, 1, hi, hint)
+        check_int("likelihood.batch_size", lk.batch_size, 1)  # bounded by the memory estimate
         check_int("likelihood.num_batches", lk.num_batches, 0, hi, hint)
         check_int("likelihood.toy_num_samples", lk.toy_num_samples, 1, hi, hint)
         check_int("likelihood.num_dequant", lk.num_dequant, 1, 10_000)
@@ -146,7 +147,7 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
     if mode == "train_classifier":
         c = config.classifier
         check_int("classifier.n_iters", c.n_iters, 1, hi, hint)
-        check_int("classifier.batch_size", c.batch_size, 1, hi, hint)
+        check_int("classifier.batch_size", c.batch_size, 1)  # bounded by the memory estimate
         check_int("classifier.log_every", c.log_every, 1)
         check_real("classifier.lr", c.lr, 0.0, MAX_LR, lo_open=True)
         check_time("classifier.eps", c.eps, T)
@@ -199,7 +200,8 @@ def per_sample_floats(config) -> int:
 
 def check_batch_memory(key: str, batch_size: int, config, device: str = "cpu", factor: int = 4,
                        extra_bytes: int = 0) -> None:
-    """Refuse a batch whose estimated memory (`factor` copies of its activations) exceeds the machine's."""
+    """Refuse a batch whose estimated memory (`factor` copies of its activations, plus `extra_bytes`) exceeds
+    the machine's memory: "KEY=N would need about X GiB" instead of an allocator traceback later."""
     need = int(batch_size) * per_sample_floats(config) * 4 * factor + int(extra_bytes)
     have = machine_memory_bytes(device)
     if have is not None and need > have:
@@ -213,14 +215,16 @@ def validate_memory(config, mode: str, args=None) -> None:
     if mode == "train":
         check_batch_memory("training.batch_size", config.training.batch_size, config, device, factor=6)
     if mode in _SAMPLING_MODES:
-        num = getattr(args, "num_samples", None) or int(config.sampling.num_samples)
-        numel = per_sample_floats(config)
-        batch = min(int(config.sampling.batch_size), int(num))
+        num = int(getattr(args, "num_samples", None) or config.sampling.num_samples)
+        batch = min(int(config.sampling.batch_size), num)  # the batches never exceed the number of samples
         check_batch_memory("sampling.batch_size", batch, config, device, factor=4)
-        check_batch_memory("--num_samples" if getattr(args, "num_samples", None) else "sampling.num_samples",
-                           num, config, device, factor=0, extra_bytes=int(num) * min(numel, _data_numel(config)) * 8)
+        key = "--num_samples" if getattr(args, "num_samples", None) else "sampling.num_samples"
+        check_batch_memory(key, num, config, device, factor=0,  # all samples are kept (model and data space)
+                           extra_bytes=num * _data_numel(config) * 8)
     if mode == "likelihood":
         check_batch_memory("likelihood.batch_size", config.likelihood.batch_size, config, device, factor=8)
+    if mode == "train_classifier":
+        check_batch_memory("classifier.batch_size", config.classifier.batch_size, config, device, factor=6)
 
 
 def _data_numel(config) -> int:
@@ -280,18 +284,27 @@ def check_binary_mask(array: np.ndarray, path: str) -> np.ndarray:
     return values.astype(np.float32)
 
 
-_LIBRARY_HINTS = ("allow_pickle", "weights_only", "torch.load", "safe_globals", "add_safe_globals")
+_LIBRARY_HINTS = ("allow_pickle", "weights_only", "torch.load", "safe_globals", "pickle.load")
 
 
 def describe_read_error(error: BaseException) -> str:
-    """What is wrong with a file a library failed to read, in a few words, without the library's own advice."""
+    """What is wrong with a file a library failed to read, in a few words, without the library's own advice
+    (no hints about allow_pickle or weights_only: the toolkit never loads files in a way that can run code)."""
     text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
     lowered = text.lower()
-    if "allow_pickle" in lowered or "object arrays" in lowered:
+    if isinstance(error, EOFError) or "ran out of input" in lowered:
+        return "the file is empty or truncated"
+    if "object arrays cannot be loaded" in lowered:
         return "it holds Python objects, not plain numeric arrays"
-    if "weights_only" in lowered or "unpickling" in lowered or "unsupported global" in lowered:
-        return "it holds objects other than tensors and plain data"
+    if "contains pickled" in lowered:
+        return "it is not an npz/npy file (damaged, another format, or pickled Python objects)"
+    if "unsupported global" in lowered:
+        name = text[lowered.index("unsupported global") + len("unsupported global"):].split()[0:1]
+        return (f"it refers to {name[0] if name else 'a Python object'}, which is not a tensor or plain data "
+                "(refused: loading it could run code)")
+    if "weights_only" in lowered or "unpickl" in lowered or "load key" in lowered:
+        return "it is not a PyTorch file of tensors and plain data (damaged or another format)"
+    first = text.splitlines()[0] if text else ""
     if any(hint in first for hint in _LIBRARY_HINTS):
         return type(error).__name__
     return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__

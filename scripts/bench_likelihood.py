@@ -48,7 +48,7 @@ def load_images(name: str, num: int) -> np.ndarray:
 
         return load_digits_uint8()[0][-num:]  # the last images: a held-out-style slice
     path = os.environ.get("CIFAR10_NPZ", "/work/shared/data/cifar10/test.npz")
-    with np.load(path) as archive:
+    with np.load(path, allow_pickle=False) as archive:
         return np.ascontiguousarray(archive["x"][:num].transpose(0, 3, 1, 2))
 
 

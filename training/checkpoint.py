@@ -119,18 +119,13 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 
 def _verified_source(path: str, what: str = "checkpoint") -> io.BytesIO | str:
     """The payload of a checksummed file after checking its digest, or `path` itself for a file without one."""
-    global _legacy_noted
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as error:
         raise UserError(f"cannot read {what} {path}: {os.strerror(error.errno).lower()}") from None
     if not data.startswith(MAGIC[:10]):
-        if not _legacy_noted:
-            print(f"note: {what} {path} has no checksum (written before checksums were added); "
-                  "it is loaded unverified", file=sys.stderr)
-            _legacy_noted = True
-        return path
+        return path  # a file from before checksums (or not ours: torch.load says so)
     header, payload = data[:_HEADER_SIZE], memoryview(data)[_HEADER_SIZE:]
     stored = header[len(MAGIC):-1]
     if (not header.startswith(MAGIC) or not header.endswith(b"\n")
@@ -138,6 +133,15 @@ def _verified_source(path: str, what: str = "checkpoint") -> io.BytesIO | str:
         raise UserError(f"{what} {path} is damaged: its content does not match the checksum stored in it "
                         "(altered or truncated); delete it or restore a copy")
     return io.BytesIO(payload)
+
+
+def _note_unverified(source: io.BytesIO | str, path: str, what: str) -> None:
+    """Say once per process, on stderr, that a file without a checksum was loaded unverified."""
+    global _legacy_noted
+    if isinstance(source, str) and not _legacy_noted:
+        print(f"note: {what} {path} has no checksum (written before checksums were added); it was loaded "
+              "unverified and gets one when it is next saved", file=sys.stderr)
+        _legacy_noted = True
 
 
 def _check_weights(state: dict[str, Any], path: str, what: str = "checkpoint") -> None:
@@ -175,6 +179,7 @@ def read_verified(path: str, what: str, map_location: str | torch.device = "cpu"
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} is not a {what} of this toolkit (holds {type(state).__name__})")
     _check_weights(state, path, what)
+    _note_unverified(source, path, what)
     return state
 
 
@@ -197,6 +202,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UserError(f"checkpoint {path} has format {state['format']}, this toolkit reads format {FORMAT_VERSION}")
     _check_fields(state, path)
     _check_weights(state, path)
+    _note_unverified(source, path, "checkpoint")
     return state
 
 

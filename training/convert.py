@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from errors import UserError
+from validation import describe_read_error
 
 DATAPARALLEL_PREFIX = "module."
 REFERENCE_KEYS = ("model", "ema", "optimizer", "step")
@@ -63,8 +64,7 @@ def load_reference_checkpoint(path: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for files that are not torch checkpoints
-        message = str(error).splitlines()[0][:200] if str(error) else ""
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {message})") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_read_error(error)})") from None
     if not isinstance(state, Mapping):
         raise UserError(f"{path} is not a Score-SDE checkpoint: it holds a {type(state).__name__}, "
                         f"expected a dict with keys {', '.join(REFERENCE_KEYS)}")
