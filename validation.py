@@ -317,6 +317,14 @@ OUTPUT_FOLDERS = {"train": ("", "checkpoints", "tensorboard"), "sample": ("sampl
                   "colorize": ("controllable",), "interpolate": ("controllable",)}
 
 
+def check_settings(config, args, mode: str, get_sde) -> None:
+    """Flags, config values and memory estimates of `mode` (the runners call this; main.py via validate_run)."""
+    validate_args(args, mode)
+    _check_sde(config.sde)
+    validate_config(config, mode, float(get_sde(config).T), bool(getattr(args, "allow_large", False)))
+    validate_memory(config, mode, args)
+
+
 def validate_run(config, args, workdir: str, get_sde) -> None:
     """All checks that can run before any work: flags, config values, memory, output folders (main.py calls it).
 
@@ -326,10 +334,7 @@ def validate_run(config, args, workdir: str, get_sde) -> None:
     from atomic_io import remove_stale_temps
 
     mode = str(args.mode)
-    validate_args(args, mode)
-    _check_sde(config.sde)
-    validate_config(config, mode, float(get_sde(config).T), bool(getattr(args, "allow_large", False)))
-    validate_memory(config, mode, args)
+    check_settings(config, args, mode, get_sde)
     for sub in OUTPUT_FOLDERS.get(mode, ("",)):
         folder = os.path.join(workdir, sub) if sub else workdir
         check_writable_folder(folder, "--workdir" if not sub else f"output folder {sub!r} of --workdir")

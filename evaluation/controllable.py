@@ -16,7 +16,7 @@ import torch
 from atomic_io import save_npz, write_json
 from errors import UserError
 from evaluation.outputs import file_digest, result_stem
-from validation import check_binary_mask, check_output_files, describe_read_error
+from validation import check_binary_mask, check_output_files, check_settings, describe_read_error
 
 GUIDANCE = ("none", "cfg", "classifier")
 NAMED_MASKS = ("left", "right", "top", "bottom", "center")
@@ -80,7 +80,11 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
 
 
 # --- inputs and masks -----------------------------------------------------------------------------------------
-def _require_images(config, mode: str) -> tuple[int, int]:
+def _require_images(config, mode: str, args=None) -> tuple[int, int]:
+    if args is not None:
+        from sde_lib import get_sde
+
+        check_settings(config, args, mode, get_sde)  # also when called without main.py
     if config.data.get("kind", "toy") != "image":
         raise UserError(f"--mode {mode} works on image data (e.g. --config vp_digits); "
                         f"{config.data.dataset!r} is not an image data set")
@@ -251,7 +255,7 @@ def run_inpaint(config, workdir: str, args) -> int:
     from data.transforms import get_data_inverse_scaler, get_data_scaler
     from solvers.inpainting import check_mask, inpaint
 
-    _require_images(config, "inpaint")
+    _require_images(config, "inpaint", args)
     images = load_images(config, getattr(args, "input", None))
     mask = load_mask(config, getattr(args, "mask", None))
     options = _pc_options(config, args)
@@ -276,7 +280,7 @@ def run_colorize(config, workdir: str, args) -> int:
     from data.transforms import get_data_inverse_scaler, get_data_scaler
     from solvers.inpainting import colorize
 
-    channels, _ = _require_images(config, "colorize")
+    channels, _ = _require_images(config, "colorize", args)
     if channels != 3:
         raise UserError(f"--mode colorize needs an RGB model (data.num_channels = 3), got {channels} channel(s)")
     images = load_images(config, getattr(args, "input", None))
@@ -301,7 +305,7 @@ def run_interpolate(config, workdir: str, args) -> int:
     from data.transforms import get_data_inverse_scaler, get_data_scaler
     from solvers.interpolation import interpolate
 
-    _require_images(config, "interpolate")
+    _require_images(config, "interpolate", args)
     first = load_images(config, getattr(args, "input", None), "--input")
     second = load_images(config, getattr(args, "input2", None), "--input2")
     if first.shape != second.shape:

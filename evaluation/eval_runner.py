@@ -17,7 +17,7 @@ from atomic_io import write_json
 from errors import UserError
 from evaluation.metrics import mean_log_density_gap, mode_weight_tv, sliced_wasserstein
 from evaluation.sample_runner import output_stem, sample_from_run
-from validation import check_output_files
+from validation import check_output_files, check_settings
 
 
 def toy_report(config, samples: np.ndarray, seed: int) -> dict:
@@ -61,6 +61,9 @@ def image_report(samples: np.ndarray) -> dict:
 
 def run(config, workdir: str, args) -> int:
     """Draw samples from the latest checkpoint and report their quality as JSON."""
+    from sde_lib import get_sde
+
+    check_settings(config, args, "eval", get_sde)  # also when called without main.py
     stem, settings = output_stem(config, args, os.path.join(workdir, "eval"), "eval")
     path = stem + ".json"
     check_output_files([path])  # before the work, not after

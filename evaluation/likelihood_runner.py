@@ -24,7 +24,7 @@ from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_lik
                         nats_per_dim, nats_to_bits)
 from sde_lib import VPSDE, get_sde, subVPSDE
 from training import distributed
-from validation import check_output_files
+from validation import check_output_files, check_settings
 
 SPLITS = ("train", "test")
 _SPLIT_SALT = {"train": 0x7A, "test": 0x7E}  # toy splits: disjoint seeds, never the training stream's
@@ -213,6 +213,7 @@ def run(config, workdir: str, args) -> int:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if args.num_batches is not None and args.num_batches <= 0:
         raise UserError(f"--num_batches must be positive, got {args.num_batches}")
+    check_settings(config, args, "likelihood", get_sde)  # also when called without main.py
     path, settings = results_path(config, workdir, split, args)
     check_output_files([path])  # before the work, not after
     group = distributed.setup(get_device(config))  # `torchrun --nproc_per_node=K`: the batches are shared

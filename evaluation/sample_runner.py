@@ -19,7 +19,7 @@ from atomic_io import save_npz, write_json
 from errors import UserError
 from evaluation.outputs import default_config, result_stem
 from training import distributed
-from validation import check_output_files
+from validation import check_output_files, check_settings
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
@@ -193,6 +193,9 @@ def run(config, workdir: str, args) -> int:
     """
     from training.device import get_device
 
+    from sde_lib import get_sde
+
+    check_settings(config, args, "sample", get_sde)  # also when called without main.py
     stem, settings = output_stem(config, args, os.path.join(workdir, "samples"), "samples")
     check_output_files([stem + ext for ext in (".npz", ".json", ".png")])  # before the work, not after
     group = distributed.setup(get_device(config))

@@ -174,6 +174,12 @@ CASES = [
     ("beta_max_negative", SAMPLE, ["--config.sde.beta_max=-1"], "sde.beta_max", None),
     ("num_scales_zero", SAMPLE, ["--config.sde.num_scales=0"], "sde.num_scales", None),
     ("config_seed_negative", SAMPLE, ["--config.seed=-5"], "seed", None),
+    ("snapshot_every_zero", TRAIN, ["--config.training.snapshot_every=0"], "training.snapshot_every", None),
+    ("likelihood_atol_negative", LIKELIHOOD, ["--config.likelihood.atol=-1"], "likelihood.atol", None),
+    ("unknown_split", LIKELIHOOD, ["--split", "validation"], "unknown split", None),
+    ("unknown_solver", SAMPLE, ["--solver", "magic"], "unknown solver", None),
+    ("data_dim_zero", SAMPLE, ["--config.data.dim=0"], "data.dim", None),
+    ("config_nfe_huge", SAMPLE, ["--config.sampling.nfe=1000000"], "sampling.nfe", None),
     ("classifier_lr_inf", ("train_classifier", "vp_toy"), ["--config.classifier.lr=inf"], "classifier.lr", None),
     # output locations
     ("workdir_is_a_file", TRAIN, [], "is a file, not a folder", lambda w: _replace_file(w + "_file", b"x")),

@@ -19,7 +19,7 @@ from models.guidance import create_classifier
 from sde_lib import SDE, broadcast_to, get_sde
 from training.checkpoint import read_verified, save_checkpoint
 from training.device import get_device
-from validation import describe_read_error
+from validation import check_output_files, check_settings, describe_read_error
 
 CLASSIFIER_FILE = "classifier.pt"
 _SALT_CLASSIFIER = 0xC1A5
@@ -113,6 +113,8 @@ def load_classifier(config, workdir: str, device: torch.device) -> nn.Module:
 
 def run(config, workdir: str, args) -> int:
     """`--mode train_classifier`: train p_t(c | x) for the run in workdir and report its accuracy."""
+    check_settings(config, args, "train_classifier", get_sde)  # also when called without main.py
+    check_output_files([classifier_path(workdir), os.path.join(workdir, "classifier_summary.json")])
     summary = train_classifier(config, workdir, progress=bool(config.training.get("progress", True)))
     accuracy = ", ".join(f"t={t}: {a:.3f}" for t, a in summary["accuracy_at_t"].items())
     print(f"[classifier] {summary['step']} steps in {summary['seconds']:.1f}s, loss {summary['loss']:.4f}; "

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import os
 
+from sde_lib import get_sde
+from training.checkpoint import checkpoint_path
 from training.trainer import train
+from validation import check_output_files, check_settings
 
 
 def run(config, workdir: str, args) -> int:
     """Train the model of `config` in `workdir` (resuming from its checkpoint if there is one)."""
+    check_settings(config, args, "train", get_sde)  # also when called without main.py
+    check_output_files([checkpoint_path(workdir), os.path.join(workdir, "config.json"),
+                        os.path.join(workdir, "train_summary.json")])  # before hours of training, not after
     result = train(config, workdir)
     if int(os.environ.get("RANK", "0")) == 0:
         rate = f"{result.steps_this_run / result.seconds:.0f} steps/s" if result.seconds > 0 else ""
