@@ -7,7 +7,6 @@ or float 0..1, NCHW or NHWC); masks are PNG / npz with 1 (or white) = known, 0 =
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -206,18 +205,21 @@ def _pc_options(config, args) -> dict:
             "corrector": str(s.corrector), "snr": float(s.snr), "n_steps": int(s.n_steps_each)}
 
 
-def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict) -> str:
-    """Grid with one row per input and the panels side by side; npz of results; JSON facts. Returns the PNG path."""
+def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict,
+          title: str = "", labels: list[str] | None = None) -> str:
+    """Grid with one row per input and the panels side by side (titled, columns labelled); npz of results;
+    JSON facts. Returns the PNG path."""
+    from atomic_io import save_npz, write_json
     from evaluation.figures import save_image_grid
 
     folder = os.path.join(workdir, "controllable")
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, name)
     tiles = torch.stack([p.clamp(0, 1).float() for p in panels], dim=1)  # (N, panels, C, H, W)
-    png = save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels))
-    np.savez_compressed(stem + ".npz", results=results)
-    with open(stem + ".json", "w") as handle:
-        json.dump(facts, handle, indent=2)
+    png = save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels), title=title,
+                          col_labels=labels)
+    save_npz(stem + ".npz", results=results)
+    write_json(stem + ".json", facts)
     return png
 
 
@@ -247,7 +249,9 @@ def run_inpaint(config, workdir: str, args) -> int:
     shown = images * mask.cpu() + 0.5 * (1 - mask.cpu())  # missing pixels in gray
     facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used, "checkpoint_step": step,
              "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
-    png = _save(workdir, f"inpaint_seed{config.seed}", [images, shown, result], _uint8(result), facts)
+    png = _save(workdir, f"inpaint_seed{config.seed}", [images, shown, result], _uint8(result), facts,
+                f"inpaint, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
+                ["input", "known", "result"])
     print(f"inpainted {len(images)} image(s) with NFE {used} -> {png}")
     return 0
 
@@ -270,7 +274,9 @@ def run_colorize(config, workdir: str, args) -> int:
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
     facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "checkpoint_step": step,
              "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
-    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result), facts)
+    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result), facts,
+                f"colorize, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
+                ["input", "gray", "result"])
     print(f"colorized {len(images)} image(s) with NFE {used} -> {png}")
     return 0
 
@@ -297,6 +303,8 @@ def run_interpolate(config, workdir: str, args) -> int:
     panels = [first] + [frames[k] for k in range(num_frames)] + [second]
     facts = {"mode": "interpolate", "input": args.input, "input2": args.input2, "num_frames": num_frames,
              "nfe_used": used, "checkpoint_step": step, "rtol": float(lk.rtol), "atol": float(lk.atol)}
-    png = _save(workdir, "interpolate", panels, _uint8(frames), facts)
+    labels = ["input"] + [f"{k / (num_frames - 1):.2f}" if num_frames > 1 else "0.50" for k in range(num_frames)] + ["input2"]
+    png = _save(workdir, "interpolate", panels, _uint8(frames), facts,
+                f"PF-ODE interpolation, NFE {used}, step {step}", labels)
     print(f"interpolated {len(first)} pair(s) in {num_frames} frames with NFE {used} -> {png}")
     return 0
