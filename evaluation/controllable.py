@@ -202,7 +202,7 @@ def _setup(config, workdir: str, mode: str):
 def _pc_options(config, args) -> dict:
     s = config.sampling
     return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": str(s.predictor),
-            "corrector": str(s.corrector), "snr": float(s.snr), "n_steps": int(s.n_steps_each)}
+            "corrector": str(s.corrector), "snr": float(s.snr), "corrector_steps": int(s.n_steps_each)}
 
 
 def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict,

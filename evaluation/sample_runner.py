@@ -19,7 +19,7 @@ from training import distributed
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
-                     "n_steps_each": "n_steps", "noise_removal": "noise_removal"}
+                     "n_steps_each": "corrector_steps", "noise_removal": "noise_removal"}
 
 
 def sample_shape(config) -> tuple[int, ...]:

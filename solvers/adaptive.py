@@ -35,7 +35,8 @@ from sde_lib import broadcast_to
 
 
 @register("adaptive")
-def adaptive_sampler(sde, score_fn, shape, *, nfe, eps, x_T, generator, rtol: float = 0.05, atol: float = 0.0078,
+def adaptive_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, rtol: float = 0.05,
+                     atol: float = 0.0078,
                      h_init: float = 0.01, safety: float = 0.9, r: float = 0.9, norm: str = "l2",
                      noise: str = "bridge", device=None, dtype=None):
     """Adaptive EM / improved-Euler reverse-SDE sampler; returns (samples, score evaluations used)."""
