@@ -7,7 +7,7 @@ import sys
 
 # mode -> "module:function"; each function is run(config, workdir, args) -> exit code (None means 0)
 MODES = {
-    "train": "training.runner:run",
+    "train": "evaluation.train_runner:run",
     "sample": "evaluation.sample_runner:run",
     "likelihood": "evaluation.likelihood_runner:run",
     "eval": "evaluation.eval_runner:run",

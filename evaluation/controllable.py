@@ -212,7 +212,7 @@ def _setup(config, workdir: str, mode: str):
 def _pc_options(config, args) -> dict:
     s = config.sampling
     return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": str(s.predictor),
-            "corrector": str(s.corrector), "snr": float(s.snr), "n_steps": int(s.n_steps_each)}
+            "corrector": str(s.corrector), "snr": float(s.snr), "corrector_steps": int(s.n_steps_each)}
 
 
 def _output_stem(workdir: str, name: str, settings: dict) -> str:
@@ -232,14 +232,17 @@ def _input_settings(args, *names: str) -> dict:
     return out
 
 
-def _save(stem: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict) -> str:
-    """Grid with one row per input and the panels side by side; npz of results; JSON facts. Returns the PNG path."""
+def _save(stem: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict,
+          title: str = "", labels: list[str] | None = None) -> str:
+    """Grid with one row per input and the panels side by side (titled, columns labelled); npz of results;
+    JSON facts. Returns the PNG path."""
     from evaluation.figures import save_image_grid
 
     tiles = torch.stack([p.clamp(0, 1).float() for p in panels], dim=1)  # (N, panels, C, H, W)
     save_npz(stem + ".npz", results=results)
     write_json(stem + ".json", facts)
-    return save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels))
+    return save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels), title=title,
+                           col_labels=labels)
 
 
 def _generator(config, device):
@@ -270,7 +273,9 @@ def run_inpaint(config, workdir: str, args) -> int:
     shown = images * mask.cpu() + 0.5 * (1 - mask.cpu())  # missing pixels in gray
     facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used, "checkpoint_step": step,
              "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}, "settings": settings}
-    png = _save(stem, [images, shown, result], _uint8(result), facts)
+    png = _save(stem, [images, shown, result], _uint8(result), facts,
+                f"inpaint, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
+                ["input", "known", "result"])
     print(f"inpainted {len(images)} image(s) with NFE {used} -> {png}")
     return 0
 
@@ -295,7 +300,9 @@ def run_colorize(config, workdir: str, args) -> int:
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
     facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "checkpoint_step": step,
              "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}, "settings": settings}
-    png = _save(stem, [images, gray.expand_as(images), result], _uint8(result), facts)
+    png = _save(stem, [images, gray.expand_as(images), result], _uint8(result), facts,
+                f"colorize, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
+                ["input", "gray", "result"])
     print(f"colorized {len(images)} image(s) with NFE {used} -> {png}")
     return 0
 
@@ -328,6 +335,7 @@ def run_interpolate(config, workdir: str, args) -> int:
     facts = {"mode": "interpolate", "input": args.input, "input2": args.input2, "num_frames": num_frames,
              "nfe_used": used, "checkpoint_step": step, "rtol": float(lk.rtol), "atol": float(lk.atol),
              "settings": settings}
-    png = _save(stem, panels, _uint8(frames), facts)
+    labels = ["input"] + [f"{k / (num_frames - 1):.2f}" for k in range(num_frames)] + ["input2"]
+    png = _save(stem, panels, _uint8(frames), facts, f"PF-ODE interpolation, NFE {used}, step {step}", labels)
     print(f"interpolated {len(first)} pair(s) in {num_frames} frames with NFE {used} -> {png}")
     return 0

@@ -1,13 +1,13 @@
 """Figures: 2-D sample scatter plots (optionally next to reference samples) and image grids (matplotlib Agg)."""
 from __future__ import annotations
 
-import io
 import math
+import os
 
 import numpy as np
 import torch
 
-from atomic_io import save_figure, write_bytes
+from atomic_io import save_figure
 from errors import UserError
 
 
@@ -24,6 +24,11 @@ def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32 if x.is_floating_point() else x.dtype).numpy()
     return np.asarray(x)
+
+
+def _prepare_path(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
 
 
 def save_scatter(path: str, samples, reference=None, title: str = "", max_points: int = 5000) -> str:
@@ -56,10 +61,9 @@ def save_scatter(path: str, samples, reference=None, title: str = "", max_points
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    try:
-        save_figure(fig, path, dpi=110)  # atomic: temp file + fsync + rename
-    finally:
-        plt.close(fig)
+    _prepare_path(path)
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -83,11 +87,38 @@ def make_grid(images, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_image_grid(path: str, images, nrow: int | None = None) -> str:
-    """Save (N, C, H, W) images (uint8, or float in [0, 1]) as one PNG grid with `nrow` images per row."""
+def upscale_nearest(grid: np.ndarray, min_width: int) -> np.ndarray:
+    """Repeat every pixel k x k (nearest neighbour, k the smallest integer giving >= min_width columns)."""
+    factor = max(1, int(math.ceil(min_width / grid.shape[1])))
+    return grid if factor == 1 else np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
+def save_image_grid(path: str, images, nrow: int | None = None, title: str = "", min_width: int = 256,
+                    col_labels: list[str] | None = None) -> str:
+    """Save (N, C, H, W) images (uint8, or float in [0, 1]) as a PNG grid with `nrow` images per row.
+
+    Small images are upscaled (nearest neighbour, whole pixels) until the grid is at least `min_width` pixels
+    wide; `title` goes above the grid, `col_labels` (one per column) above the columns.
+    """
     plt = _pyplot()
     grid = make_grid(images, nrow)
-    buffer = io.BytesIO()
-    plt.imsave(buffer, grid, format="png")
-    write_bytes(path, buffer.getvalue())  # atomic: temp file + fsync + rename
+    columns = nrow or int(math.ceil(math.sqrt(_as_numpy(images).shape[0])))
+    grid = upscale_nearest(grid, min_width)
+    height, width = grid.shape[:2]
+    dpi = 100
+    lines = (1 if title else 0) + (1 if col_labels else 0)
+    band = 18 * lines + (6 if lines else 0)  # pixels of text above the grid
+    fig = plt.figure(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
+    ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + band)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        fig.text(0.5, 1.0 - 4 / (height + band), title, ha="center", va="top", fontsize=9)
+    if col_labels:
+        for k, label in enumerate(col_labels[:columns]):
+            fig.text((k + 0.5) / columns, height / (height + band) + 2 / (height + band), label, ha="center",
+                     va="bottom", fontsize=8)
+    _prepare_path(path)
+    save_figure(fig, path, dpi=dpi)
+    plt.close(fig)
     return path

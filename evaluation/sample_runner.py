@@ -23,7 +23,7 @@ from validation import check_output_files, check_settings
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
-                     "n_steps_each": "n_steps", "noise_removal": "noise_removal"}
+                     "n_steps_each": "corrector_steps", "noise_removal": "noise_removal"}
 
 
 def sample_shape(config) -> tuple[int, ...]:
@@ -48,8 +48,7 @@ def sampler_options(config, solver: str) -> dict:
 def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, seed: int,
              device: torch.device, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """num_samples samples (model space, on CPU) in batches of config.sampling.batch_size; and NFE per batch."""
-    from tqdm import tqdm
-
+    from evaluation.progress import ProgressScore, nfe_bar
     from solvers import available_solvers, sample
 
     if solver not in available_solvers():
@@ -70,10 +69,12 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     # processes gather the result: the samples do not depend on the number of processes.
     info = distributed.current_info()
     mine = distributed.my_share(len(sizes), info)
-    with torch.no_grad():
-        for index in tqdm(mine, desc=f"sampling ({solver})", disable=not progress or len(mine) < 2 or not info.is_main):
+    desc = f"sampling {len(mine)}x{batch_size} ({solver}, NFE budget {nfe} per batch)"
+    with torch.no_grad(), nfe_bar(nfe * len(mine), desc, progress and info.is_main) as bar:
+        counted = ProgressScore(score_fn, bar)  # one tick per score evaluation, all batches on one bar
+        for index in mine:
             generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(seed, index))
-            x, used = sample(sde, score_fn, (sizes[index],) + shape, solver=solver, nfe=nfe,
+            x, used = sample(sde, counted, (sizes[index],) + shape, solver=solver, nfe=nfe,
                              eps=float(config.sampling.eps), generator=generator, **options)
             chunks[index] = x.float().cpu()
             nfes[index] = int(used)

@@ -58,11 +58,13 @@ def solve_pf_ode(sde: SDE, score_fn, x: torch.Tensor, t_start: float, t_end: flo
     return solution[-1], counter.calls
 
 
+@torch.no_grad()
 def encode(sde: SDE, score_fn, x: torch.Tensor, eps: float = 1e-3, **solver_options) -> tuple[torch.Tensor, int]:
     """Map data x (at t = eps) to latents at t = T along the PF-ODE; returns (z, nfe_used)."""
     return solve_pf_ode(sde, score_fn, x, eps, sde.T, **solver_options)
 
 
+@torch.no_grad()
 def decode(sde: SDE, score_fn, z: torch.Tensor, eps: float = 1e-3, **solver_options) -> tuple[torch.Tensor, int]:
     """Map latents z (at t = T) back to data at t = eps along the PF-ODE; returns (x, nfe_used)."""
     return solve_pf_ode(sde, score_fn, z, sde.T, eps, **solver_options)

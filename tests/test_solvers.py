@@ -83,7 +83,7 @@ def test_error_falls_with_nfe_to_noise_floor_ring2d(solver, ring):
 
 SWEEP = (10, 20, 50, 100, 250, 1000)
 # |gap| allowed at the largest budget, set from measurement (n = 2000: standard error ~0.016 on ring2d, ~0.14 on
-# mix64). ALD keeps a bias in 64-D at 1000 NFE (gap ~3 at n_steps=2; 0.93 at 4000 NFE): it gets 4000 and 1.5.
+# mix64). ALD keeps a bias in 64-D at 1000 NFE (gap ~3 at corrector_steps=2; 0.93 at 4000 NFE): it gets 4000 and 1.5.
 SWEEP_GAP_TOL = {"ring2d": 0.12, "mix64": 0.5}
 SWEEP_EXTRA = {("ald", "mix64"): ((4000,), 1.5)}
 
@@ -123,7 +123,7 @@ def test_ald_on_discrete_ve():
     """ALD (NCSN) with a VE SDE of 10 discrete noise levels' geometric range recovers the ring's modes."""
     mixture = toy_mixture("ring2d")
     sde = VESDE(0.01, 20.0, N=10)
-    x, used = draw("ald", sde, mixture.score_fn(sde), 2000, 2, 600, n_steps=3)
+    x, used = draw("ald", sde, mixture.score_fn(sde), 2000, 2, 600, corrector_steps=3)
     assert used == 199 * 3 + 1  # 199 levels x 3 steps + final denoising
     radius = x.norm(dim=1)
     assert abs(radius.mean().item() - 2.0) < 0.05
@@ -184,7 +184,7 @@ def test_langevin_corrector_step_size_follows_snr():
     """Alg. 4 (VE): step = 2 (snr ||z|| / ||s||)^2 with batch-mean norms, x <- x + step s + sqrt(2 step) z."""
     g = torch.Generator().manual_seed(2)
     x, s, z = (torch.randn(32, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    corrector = CORRECTORS["langevin"](VESDE(), lambda y, t: s, n_steps=1, snr=0.16)
+    corrector = CORRECTORS["langevin"](VESDE(), lambda y, t: s, corrector_steps=1, snr=0.16)
     out, mean = corrector.update(x, torch.tensor(0.3), lambda: z)
     step = 2 * (0.16 * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
     assert torch.allclose(mean, x + step * s) and torch.allclose(out, mean + torch.sqrt(2 * step) * z)
@@ -256,7 +256,7 @@ def test_budget_maps_to_steps(solver, nfe, expected):
 def test_pc_budget_with_corrector_steps_and_denoising():
     mixture, sde = toy_mixture("ring2d"), VESDE(0.01, 20.0)
     counter = CountingScore(mixture.score_fn(sde))
-    _, used = draw("pc", sde, counter, 4, 2, 100, predictor="reverse_diffusion", corrector="ald", n_steps=2,
+    _, used = draw("pc", sde, counter, 4, 2, 100, predictor="reverse_diffusion", corrector="ald", corrector_steps=2,
                    denoise=True)
     assert used == counter.calls == 33 * 3 + 1
 
