@@ -19,7 +19,8 @@ from training import distributed
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
-                     "n_steps_each": "corrector_steps", "noise_removal": "noise_removal"}
+                     "n_steps_each": "corrector_steps", "noise_removal": "noise_removal",
+                     "method": "method", "rtol": "rtol", "atol": "atol"}
 
 
 def sample_shape(config) -> tuple[int, ...]:
@@ -36,7 +37,7 @@ def sampler_options(config, solver: str) -> dict:
     accepted = inspect.signature(SAMPLERS[solver]).parameters
     options = {}
     for key, name in _SAMPLING_OPTIONS.items():
-        if name in accepted and key in config.sampling:
+        if name in accepted and config.sampling.get(key) is not None:  # None: the sampler's own default
             options[name] = config.sampling[key]
     return options
 
