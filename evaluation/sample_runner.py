@@ -90,14 +90,10 @@ def to_data_space(config, x: torch.Tensor) -> np.ndarray:
 
 def load_score_fn(config, workdir: str, device: torch.device):
     """(sde, score_fn, step) from the EMA weights of the latest checkpoint in workdir."""
-    import models
-    from sde_lib import get_sde
-    from training.checkpoint import restore_model
+    from evaluation.run import load_run
 
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
-    return sde, score_fn, step
+    run = load_run(workdir, device, config=config)
+    return run.sde, run.score_fn, run.step
 
 
 def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | None:
