@@ -31,11 +31,9 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     classifier: s(x, t) + lambda grad log p_t(c | x) with the run's classifier (`--mode train_classifier`);
     s is the unconditional score (the null class of a conditional model).
     """
-    import models
+    from evaluation.run import load_run
     from models.guidance import classifier_log_prob_fn, conditional_score_fn
-    from sde_lib import get_sde
     from solvers.guidance import check_class_label, classifier_free_guidance, classifier_guidance, conditional_score
-    from training.checkpoint import restore_model
 
     guidance = str(getattr(args, "guidance", None) or "none")
     label = getattr(args, "class_label", None)
@@ -59,8 +57,8 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     elif label is not None:
         label = check_class_label(label, num_classes)
 
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
+    run = load_run(workdir, device, config=config)
+    sde, model, step = run.sde, run.model, run.step
     continuous = bool(config.training.continuous)
     if guidance == "cfg":
         score_fn = classifier_free_guidance(conditional_score_fn(sde, model, continuous), label, num_classes, scale)
@@ -68,12 +66,11 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
         from training.classifier import load_classifier
 
         classifier = load_classifier(config, workdir, device)
-        score_fn = classifier_guidance(models.get_score_fn(sde, model, continuous), classifier_log_prob_fn(classifier),
-                                       label, scale)
+        score_fn = classifier_guidance(run.score_fn, classifier_log_prob_fn(classifier), label, scale)
     elif label is not None:
         score_fn = conditional_score(conditional_score_fn(sde, model, continuous), label)
     else:
-        score_fn = models.get_score_fn(sde, model, continuous)
+        score_fn = run.score_fn
     facts = {"guidance": guidance, "class_label": label,
              "guidance_scale": scale if guidance != "none" else None}
     return sde, score_fn, step, facts
@@ -197,16 +194,11 @@ def load_mask(config, spec: str | None) -> torch.Tensor:
 
 
 # --- the three modes -----------------------------------------------------------------------------------------
-def _setup(config, workdir: str, mode: str):
-    import models
-    from sde_lib import get_sde
-    from training.checkpoint import restore_model
-    from training.device import get_device
+def _setup(config, workdir: str):
+    from evaluation.run import load_run
 
-    device = get_device(config)
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    return device, sde, models.get_score_fn(sde, model, bool(config.training.continuous)), step
+    run = load_run(workdir, config=config)
+    return run.device, run.sde, run.score_fn, run.step
 
 
 def _pc_options(config, args) -> dict:
@@ -264,7 +256,7 @@ def run_inpaint(config, workdir: str, args) -> int:
     options = _pc_options(config, args)
     settings = {**_input_settings(args, "input", "mask"), **options, "seed": int(config.seed)}
     stem = _output_stem(workdir, f"inpaint_seed{config.seed}", settings)
-    device, sde, score_fn, step = _setup(config, workdir, "inpaint")
+    device, sde, score_fn, step = _setup(config, workdir)
     x0 = get_data_scaler(config)(images).to(device)
     mask = check_mask(mask, x0)
     with torch.no_grad():
@@ -292,7 +284,7 @@ def run_colorize(config, workdir: str, args) -> int:
     options = _pc_options(config, args)
     settings = {**_input_settings(args, "input"), **options, "seed": int(config.seed)}
     stem = _output_stem(workdir, f"colorize_seed{config.seed}", settings)
-    device, sde, score_fn, step = _setup(config, workdir, "colorize")
+    device, sde, score_fn, step = _setup(config, workdir)
     gray = images.mean(dim=1, keepdim=True)
     with torch.no_grad():
         out, used = colorize(sde, score_fn, get_data_scaler(config)(gray).to(device),
@@ -324,7 +316,7 @@ def run_interpolate(config, workdir: str, args) -> int:
     settings = {**_input_settings(args, "input", "input2"), "num_frames": num_frames,
                 "eps": float(config.sampling.eps), "rtol": float(lk.rtol), "atol": float(lk.atol)}
     stem = _output_stem(workdir, "interpolate", settings)
-    device, sde, score_fn, step = _setup(config, workdir, "interpolate")
+    device, sde, score_fn, step = _setup(config, workdir)
     scaler = get_data_scaler(config)
     with torch.no_grad():
         frames, used = interpolate(sde, score_fn, scaler(first).to(device), scaler(second).to(device),

@@ -64,7 +64,7 @@ def run(config, workdir: str, args) -> int:
     from sde_lib import get_sde
 
     check_settings(config, args, "eval", get_sde)  # also when called without main.py
-    stem, settings = output_stem(config, args, os.path.join(workdir, "eval"), "eval")
+    stem, settings = output_stem(config, args, workdir, "eval")
     path = stem + ".json"
     check_output_files([path])  # before the work, not after
     samples, facts = sample_from_run(config, workdir, args)

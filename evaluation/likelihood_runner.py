@@ -197,7 +197,7 @@ def results_path(config, workdir: str, split: str, args) -> tuple[str, dict]:
     """(path, settings) of the likelihood report of a run: `WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`."""
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     settings = likelihood_settings(config, num_batches)
-    defaults = default_config(args)
+    defaults = default_config(args, workdir)
     default_settings = (None if defaults is None
                         else likelihood_settings(defaults, int(defaults.likelihood.num_batches)))
     stem = result_stem(f"likelihood_{split}", settings, default_settings)
@@ -234,15 +234,11 @@ def run(config, workdir: str, args) -> int:
 
 def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) -> tuple[dict, int]:
     """The likelihood report of the run's EMA weights on `split`, and the checkpoint step."""
-    import models
-    from training.checkpoint import restore_model
+    from evaluation.run import load_run
     from training.device import strict_float32
 
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)  # the divergence needs grads w.r.t. x only
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+    run = load_run(workdir, device, config=config)  # parameters frozen: the divergence needs grads w.r.t. x only
+    sde, score_fn, step = run.sde, run.score_fn, run.step
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
         return evaluate(config, sde, score_fn, split, num_batches, device), step

@@ -27,16 +27,25 @@ def result_stem(stem: str, settings: dict[str, Any], defaults: dict[str, Any] | 
     return f"{stem}_h{settings_hash(settings)}"
 
 
-def default_config(args):
-    """The named config of `args.config` without overrides (for `result_stem` defaults), or None."""
+def default_config(args, workdir: str):
+    """The config a command starts from before overrides (for `result_stem` defaults): the run's saved config
+    when `workdir` holds one (what main.py uses then), else the named config of `args.config`; or None."""
     import configs
+    from errors import UserError
+    from evaluation.run import saved_config
 
+    try:
+        saved = saved_config(workdir)
+    except UserError:
+        saved = None
+    if saved is not None:
+        return saved
     name = getattr(args, "config", None)
     if not name:
         return None
     try:
         return configs.get_config(str(name))
-    except Exception:  # a config that cannot be rebuilt: names always carry the hash
+    except UserError:  # a config that cannot be rebuilt: names always carry the hash
         return None
 
 

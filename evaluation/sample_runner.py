@@ -23,7 +23,8 @@ from validation import check_output_files, check_settings
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
-                     "n_steps_each": "corrector_steps", "noise_removal": "noise_removal"}
+                     "n_steps_each": "corrector_steps", "noise_removal": "noise_removal",
+                     "method": "method", "rtol": "rtol", "atol": "atol"}
 
 
 def sample_shape(config) -> tuple[int, ...]:
@@ -40,7 +41,7 @@ def sampler_options(config, solver: str) -> dict:
     accepted = inspect.signature(SAMPLERS[solver]).parameters
     options = {}
     for key, name in _SAMPLING_OPTIONS.items():
-        if name in accepted and key in config.sampling:
+        if name in accepted and config.sampling.get(key) is not None:  # None: the sampler's own default
             options[name] = config.sampling[key]
     return options
 
@@ -93,14 +94,10 @@ def to_data_space(config, x: torch.Tensor) -> np.ndarray:
 
 def load_score_fn(config, workdir: str, device: torch.device):
     """(sde, score_fn, step) from the EMA weights of the latest checkpoint in workdir."""
-    import models
-    from sde_lib import get_sde
-    from training.checkpoint import restore_model
+    from evaluation.run import load_run
 
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
-    return sde, score_fn, step
+    run = load_run(workdir, device, config=config)
+    return run.sde, run.score_fn, run.step
 
 
 def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | None:
@@ -167,24 +164,25 @@ def _requested(config, args) -> tuple[str, int, int]:
     return solver, nfe, num_samples
 
 
-def output_stem(config, args, folder: str, prefix: str) -> tuple[str, dict]:
-    """(path stem, settings) of the result files of a sampling run; see the module docstring."""
+def output_stem(config, args, workdir: str, kind: str = "samples") -> tuple[str, dict]:
+    """(path stem, settings) of the result files of a sampling run (`kind`: samples or eval) under
+    `workdir/kind/`; see the module docstring."""
     from solvers import available_solvers
 
     solver, nfe, num_samples = _requested(config, args)
     if solver not in available_solvers():
         raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
-    stem = f"{prefix}_{solver}_nfe{nfe}_seed{int(config.seed)}"
+    stem = f"{kind}_{solver}_nfe{nfe}_seed{int(config.seed)}"
     label, guidance = getattr(args, "class_label", None), str(getattr(args, "guidance", None) or "none")
     if label is not None:
         scale = getattr(args, "guidance_scale", None)
         stem += f"_class{label}" + (f"_{guidance}{1.0 if scale is None else float(scale):g}"
                                     if guidance != "none" else "")
     settings = sampling_settings(config, solver, num_samples)
-    defaults = default_config(args)
+    defaults = default_config(args, workdir)
     default_settings = (None if defaults is None
                         else sampling_settings(defaults, solver, int(defaults.sampling.num_samples)))
-    return os.path.join(folder, result_stem(stem, settings, default_settings)), settings
+    return os.path.join(workdir, kind, result_stem(stem, settings, default_settings)), settings
 
 
 def run(config, workdir: str, args) -> int:
@@ -197,7 +195,7 @@ def run(config, workdir: str, args) -> int:
     from sde_lib import get_sde
 
     check_settings(config, args, "sample", get_sde)  # also when called without main.py
-    stem, settings = output_stem(config, args, os.path.join(workdir, "samples"), "samples")
+    stem, settings = output_stem(config, args, workdir, "samples")
     check_output_files([stem + ext for ext in (".npz", ".json", ".png")])  # before the work, not after
     group = distributed.setup(get_device(config))
     if group.world_size > 1 and get_device(config).type == "cuda":

@@ -114,7 +114,7 @@ def _sample_npz_path(workdir):
     config = _config("vp_toy", TOY)
     args = argparse.Namespace(config="vp_toy", solver=None, nfe=None, num_samples=None, class_label=None,
                               guidance=None, guidance_scale=None)
-    return output_stem(config, args, os.path.join(workdir, "samples"), "samples")[0] + ".npz"
+    return output_stem(config, args, workdir, "samples")[0] + ".npz"
 
 
 R = np.random.default_rng(1)
@@ -149,7 +149,8 @@ CASES = [
     ("sampling_eps_one", SAMPLE, ["--config.sampling.eps=1"], "sampling.eps must be in (0, 0.1]", None),
     ("sampling_eps_beyond_T", SAMPLE, ["--config.sampling.eps=1.5"], "sampling.eps", None),
     ("sampling_eps_nan", SAMPLE, ["--config.sampling.eps=nan"], "sampling.eps", None),
-    ("ve_eps_close_to_T", ("sample", "ve_toy"), ["--config.sampling.eps=0.99"], "sampling.eps", None),
+    ("ve_eps_close_to_T", ("sample", "ve_toy"), ["--workdir", "{root}/ve_run", "--config.sampling.eps=0.99"],
+     "sampling.eps", None),
     ("snr_negative", SAMPLE, ["--solver", "pc", "--config.sampling.snr=-1"], "sampling.snr", None),
     ("snr_zero", SAMPLE, ["--config.sampling.snr=0"], "sampling.snr", None),
     ("sampling_batch_zero", SAMPLE, ["--config.sampling.batch_size=0"], "sampling.batch_size", None),
@@ -263,7 +264,7 @@ def test_read_only_output_folder_is_found_before_any_work(base, tmp_path, capsys
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     loaded = []
-    monkeypatch.setattr("training.checkpoint.load_checkpoint", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("training.checkpoint.restore_model", lambda *a, **k: loaded.append(1))
     before = _snapshot(root)
     code = main.main(["--mode", "sample", "--config", "vp_toy", "--workdir", workdir, *TOY])
     err = capsys.readouterr().err

@@ -275,7 +275,7 @@ def test_generator_makes_samples_reproducible(solver):
 def test_x_T_and_dtype_are_respected(solver):
     mixture, sde = toy_mixture("ring2d"), VPSDE()
     x_T = torch.randn(8, 2, dtype=torch.float64)
-    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=60, x_T=x_T,
+    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=None if solver == "ode" else 60, x_T=x_T,
                           generator=torch.Generator().manual_seed(0))
     assert x.dtype == torch.float64
     assert torch.equal(x_T, x_T.clone())  # not modified in place
@@ -328,3 +328,17 @@ def test_unknown_solver_option_is_a_clear_error():
     sde = VPSDE()
     with pytest.raises(UserError, match=r"solver 'ddim' has no option 'snr'; its options: eta, schedule"):
         sample(sde, toy_mixture("ring2d").score_fn(sde), (4, 2), solver="ddim", nfe=5, snr=0.1)
+
+
+@pytest.mark.parametrize("solver", ["ode", "ode_scipy"])
+def test_nfe_caps_the_adaptive_ode_solvers(solver):
+    """`nfe` is a budget for every solver: an adaptive ODE that needs more refuses in one line naming the keys."""
+    mixture, sde = toy_mixture("ring2d"), VPSDE()
+    score = mixture.score_fn(sde)
+    _, needed = solvers.sample(sde, score, (64, 2), solver=solver, generator=torch.Generator().manual_seed(0))
+    _, used = solvers.sample(sde, score, (64, 2), solver=solver, nfe=needed,
+                             generator=torch.Generator().manual_seed(0))
+    assert used == needed
+    with pytest.raises(UserError, match=r"more than nfe=\d+ .*sampling\.rtol") as error:
+        solvers.sample(sde, score, (64, 2), solver=solver, nfe=needed - 1, generator=torch.Generator().manual_seed(0))
+    assert len(str(error.value).splitlines()) == 1
