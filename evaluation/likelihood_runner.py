@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from errors import UserError
+from evaluation.progress import ProgressScore, nfe_bar
 from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
                         nats_per_dim, nats_to_bits)
 from sde_lib import VPSDE, subVPSDE
@@ -64,18 +64,20 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     mixture = toy_mixture(str(config.data.dataset)) if str(config.data.dataset) in TOY_MIXTURES else None
     start_time = time.perf_counter()
     ranges, info = _batches(count, batch_size, 0), distributed.current_info()
-    bar = tqdm(distributed.my_share(len(ranges), info), desc=f"likelihood {split}", unit="batch",
-               disable=not progress or not info.is_main)
-    for index in bar:
-        lo, hi = ranges[index]
-        generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
-        x = points[lo:hi].to(device=device, dtype=torch.float32)
-        logp, _, nfe = log_likelihood(sde, score_fn, x, generator=generator, **options)
-        nats[index] = nats_per_dim(logp.double(), dim).cpu()
-        nfes[index] = nfe
-        if mixture is not None:
-            reference[index] = nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim)
-        bar.set_postfix(nats_per_dim=f"{torch.cat(list(nats.values())).mean():.4f}", nfe=nfe)
+    mine = distributed.my_share(len(ranges), info)
+    with nfe_bar(None, f"likelihood {split} ({len(mine)} batches)", progress and info.is_main) as bar:
+        counted = ProgressScore(score_fn, bar)  # the bar counts every score evaluation
+        for done, index in enumerate(mine, 1):
+            lo, hi = ranges[index]
+            generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
+            x = points[lo:hi].to(device=device, dtype=torch.float32)
+            logp, _, nfe = log_likelihood(sde, counted, x, generator=generator, **options)
+            nats[index] = nats_per_dim(logp.double(), dim).cpu()
+            nfes[index] = nfe
+            if mixture is not None:
+                reference[index] = nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim)
+            bar.set_postfix(batch=f"{done}/{len(mine)}", nats_per_dim=f"{torch.cat(list(nats.values())).mean():.4f}",
+                            nfe_per_pass=nfe)
     _synchronize(device)
     nats, nfes, reference = (distributed.gather_indexed(v, info) for v in (nats, nfes, reference))
     seconds = time.perf_counter() - start_time
@@ -83,7 +85,8 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     report = {"nats_per_dim": mean, "nats_per_dim_stderr": stderr,
               "bits_per_dim": nats_to_bits(mean), "bits_per_dim_stderr": nats_to_bits(stderr),
               "num_samples": count, "dim": dim, "dequantized": False,
-              "mean_nfe": float(np.mean(nfes)), "samples_per_s": count / seconds, "seconds": seconds}
+              "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(nfes)), "samples_per_s": count / seconds,
+              "seconds": seconds}
     if mixture is not None:
         ref_mean, ref_err = mean_and_stderr(torch.cat(reference))
         report.update(exact_nats_per_dim=ref_mean, exact_nats_per_dim_stderr=ref_err)
@@ -108,29 +111,35 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
         eps_fn = _ddpm_eps_fn(config, sde, score_fn)
     start_time = time.perf_counter()
     info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
-    bar = tqdm(distributed.my_share(len(ranges), info), desc=f"bits/dim {split}", unit="batch",
-               disable=not progress or not info.is_main)
-    for index in bar:
-        lo, hi = ranges[index]
-        generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
-        batch = images[lo:hi].to(device)
-        bpd, nfe = bits_per_dim(sde, score_fn, batch, data_scale=scale, num_dequant=int(config.likelihood.num_dequant),
-                                generator=generator, **options)
-        bpds[index] = bpd.cpu()
-        nfes[index] = nfe / int(config.likelihood.num_dequant)
-        if with_bound:
-            num_terms = int(config.likelihood.ddpm_num_terms) or None
-            bounds[index] = ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
-                                           variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu()
-        bar.set_postfix(bpd=f"{torch.cat(list(bpds.values())).mean():.4f}", nfe=nfe)
+    mine = distributed.my_share(len(ranges), info)
+    num_dequant = int(config.likelihood.num_dequant)
+    totals = {}
+    with nfe_bar(None, f"bits/dim {split} ({len(mine)} batches x {num_dequant} passes)",
+                 progress and info.is_main) as bar:
+        counted = ProgressScore(score_fn, bar)  # the bar counts every score evaluation (all passes)
+        for done, index in enumerate(mine, 1):
+            lo, hi = ranges[index]
+            generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
+            batch = images[lo:hi].to(device)
+            bpd, nfe = bits_per_dim(sde, counted, batch, data_scale=scale, num_dequant=num_dequant,
+                                    generator=generator, **options)
+            bpds[index] = bpd.cpu()
+            nfes[index], totals[index] = nfe / num_dequant, nfe  # per pass (one ODE solve), and in total
+            if with_bound:
+                num_terms = int(config.likelihood.ddpm_num_terms) or None
+                bounds[index] = ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
+                                               variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu()
+            bar.set_postfix(batch=f"{done}/{len(mine)}", bpd=f"{torch.cat(list(bpds.values())).mean():.4f}",
+                            nfe_per_pass=f"{nfe / num_dequant:.0f}")
     _synchronize(device)
-    bpds, nfes, bounds = (distributed.gather_indexed(v, info) for v in (bpds, nfes, bounds))
+    bpds, nfes, bounds, totals = (distributed.gather_indexed(v, info) for v in (bpds, nfes, bounds, totals))
     seconds = time.perf_counter() - start_time
     count = sum(hi - lo for lo, hi in ranges)
     mean, stderr = mean_and_stderr(torch.cat(bpds))
     report = {"bits_per_dim": mean, "bits_per_dim_stderr": stderr, "num_samples": count,
               "dim": int(images[0].numel()), "dequantized": True, "num_dequant": int(config.likelihood.num_dequant),
-              "data_scale": list(scale), "mean_nfe": float(np.mean(nfes)), "images_per_s": count / seconds,
+              "data_scale": list(scale), "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(totals)),
+              "images_per_s": count / seconds,
               "seconds": seconds}
     if with_bound:
         report["ddpm_bound_bits_per_dim"], report["ddpm_bound_stderr"] = mean_and_stderr(torch.cat(bounds))
@@ -176,8 +185,9 @@ def format_report(report: dict) -> str:
         line += ")"
     if "ddpm_bound_bits_per_dim" in report:
         line += f", DDPM bound {report['ddpm_bound_bits_per_dim']:.4f} ± {report['ddpm_bound_stderr']:.4f}"
-    return line + (f", n={report['num_samples']}, mean NFE {report['mean_nfe']:.1f}, {rate:.1f} "
-                   f"{'images' if report['dequantized'] else 'samples'}/s")
+    total = f", {report['total_nfe']} in total" if "total_nfe" in report else ""
+    return line + (f", n={report['num_samples']}, NFE {report['mean_nfe']:.1f} per pass (one ODE solve of a "
+                   f"batch){total}, {rate:.2f} {'images' if report['dequantized'] else 'samples'}/s")
 
 
 def run(config, workdir: str, args) -> int:
