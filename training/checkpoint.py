@@ -129,6 +129,19 @@ def config_differences(saved_json: str, config: ml_collections.ConfigDict,
     return diffs
 
 
+# What fixes the trained network and its score conversion (with the model and sde sections); other data /
+# training keys, and sampling / likelihood / eval settings, may differ at use time.
+NETWORK_KEYS = ("data.dim", "data.image_size", "data.num_channels", "data.centered", "data.num_classes",
+                "training.continuous")
+
+
+def network_differences(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
+    """Differences ("key: saved -> now") between a run's saved config and `config` in what fixes the network."""
+    diffs = [d for d in config_differences(saved_json, config, sections=("data", "model", "sde", "training"))
+             if d.split(":")[0] in NETWORK_KEYS or d.split(".")[0] in ("model", "sde")]
+    return [d for d in diffs if not d.startswith("model.ema_rate")]
+
+
 def restore_model(config, workdir: str, device: str | torch.device, use_ema: bool = True):
     """The trained network of a run in eval mode (EMA weights by default) and its training step.
 
@@ -139,11 +152,7 @@ def restore_model(config, workdir: str, device: str | torch.device, use_ema: boo
 
     path = checkpoint_path(workdir)
     state = load_checkpoint(path, map_location="cpu")
-    # what fixes the network and its score conversion; other data/training keys may differ at use time
-    shape_keys = ("data.dim", "data.image_size", "data.num_channels", "data.centered", "training.continuous")
-    diffs = [d for d in config_differences(state["config"], config, sections=("data", "model", "sde", "training"))
-             if d.split(":")[0] in shape_keys or d.split(".")[0] in ("model", "sde")]
-    diffs = [d for d in diffs if not d.startswith("model.ema_rate")]
+    diffs = network_differences(state["config"], config)
     if diffs:
         raise UserError(f"checkpoint {path} was trained with different settings: {'; '.join(diffs[:6])}")
     model = models.create_model(config)
