@@ -26,6 +26,22 @@ SPLITS = ("train", "test")
 _SPLIT_SALT = {"train": 0x7A, "test": 0x7E}  # toy splits: disjoint seeds, never the training stream's
 
 
+def likelihood_continuous(config) -> bool:
+    """Whether the PF-ODE sees the network as a continuous-time score: always for continuously trained models,
+    and for discrete ones unless likelihood.continuous_score is false (the reference protocol evaluates every
+    model with continuous=True)."""
+    return bool(config.training.continuous) or bool(config.likelihood.get("continuous_score", True))
+
+
+def likelihood_score_fns(config, sde, model):
+    """(score_fn for the PF-ODE, score_fn for the DDPM bound) of a network: the first as `likelihood_continuous`
+    says; the bound is a sum over the discrete chain, so it uses the step-wise score of discrete training."""
+    import models
+
+    return (models.get_score_fn(sde, model, continuous=likelihood_continuous(config)),
+            models.get_score_fn(sde, model, continuous=bool(config.training.continuous)))
+
+
 def _likelihood_options(config) -> dict:
     lk = config.likelihood
     return {"eps": float(lk.eps), "method": str(lk.method), "rtol": float(lk.rtol), "atol": float(lk.atol),
@@ -94,8 +110,11 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
 
 
 def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device: torch.device,
-                    progress: bool = True) -> dict:
-    """Bits/dim of dequantized 8-bit images (mean and standard error over images), mean NFE, images/s."""
+                    progress: bool = True, bound_score_fn=None) -> dict:
+    """Bits/dim of dequantized 8-bit images (mean and standard error over images), mean NFE, images/s.
+
+    `bound_score_fn` (default `score_fn`) is the discrete-time score the DDPM bound uses (likelihood.ddpm_bound).
+    """
     from data.loaders import load_image_dataset
     from data.transforms import data_scale
 
@@ -108,7 +127,7 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     bpds, nfes, bounds = {}, {}, {}
     with_bound = bool(config.likelihood.get("ddpm_bound", False))
     if with_bound:
-        eps_fn = _ddpm_eps_fn(config, sde, score_fn)
+        eps_fn = _ddpm_eps_fn(config, sde, score_fn if bound_score_fn is None else bound_score_fn)
     start_time = time.perf_counter()
     info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
     mine = distributed.my_share(len(ranges), info)
@@ -158,16 +177,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(config, sde, score_fn, split: str, num_batches: int, device: torch.device, progress: bool = True) -> dict:
-    """The likelihood report of `score_fn` on a split of config.data (toy or image)."""
+def evaluate(config, sde, score_fn, split: str, num_batches: int, device: torch.device, progress: bool = True,
+             bound_score_fn=None) -> dict:
+    """The likelihood report of `score_fn` on a split of config.data (toy or image); `bound_score_fn`: see
+    `evaluate_images`."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if num_batches < 0:
         raise UserError(f"the number of batches must be >= 0 (0 = whole split), got {num_batches}")
     if int(config.likelihood.batch_size) < 1:
         raise UserError(f"likelihood.batch_size must be >= 1, got {config.likelihood.batch_size}")
-    evaluate_fn = evaluate_images if str(config.data.kind) == "image" else evaluate_toy
-    report = evaluate_fn(config, sde, score_fn, split, num_batches, device, progress)
+    if str(config.data.kind) == "image":
+        report = evaluate_images(config, sde, score_fn, split, num_batches, device, progress, bound_score_fn)
+    else:
+        report = evaluate_toy(config, sde, score_fn, split, num_batches, device, progress)
     report.update(split=split, dataset=str(config.data.dataset), sde=str(config.sde.name),
                   device=str(device), **_likelihood_options(config))
     return report
@@ -223,7 +246,10 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) 
     from training.device import strict_float32
 
     run = load_run(workdir, device, config=config)  # parameters frozen: the divergence needs grads w.r.t. x only
-    sde, score_fn, step = run.sde, run.score_fn, run.step
+    sde, step = run.sde, run.step
+    score_fn, bound_score_fn = likelihood_score_fns(config, sde, run.model)
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
-        return evaluate(config, sde, score_fn, split, num_batches, device), step
+        report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn)
+    report["score"] = "continuous" if likelihood_continuous(config) else "discrete"
+    return report, step
