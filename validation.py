@@ -284,30 +284,20 @@ def check_binary_mask(array: np.ndarray, path: str) -> np.ndarray:
     return values.astype(np.float32)
 
 
-_LIBRARY_HINTS = ("allow_pickle", "weights_only", "torch.load", "safe_globals", "pickle.load")
-
-
 def describe_read_error(error: BaseException) -> str:
-    """What is wrong with a file a library failed to read, in a few words, without the library's own advice
-    (no hints about allow_pickle or weights_only: the toolkit never loads files in a way that can run code)."""
-    text = str(error).strip()
+    """What is wrong with a data file (npz, npy, image) a library failed to read, in a few words, without the
+    library's own advice (no hint about allow_pickle: such files are never loaded in a way that runs code).
+    Failed torch loads are described by training/load_errors.py."""
+    text = " ".join(str(error).split())
     lowered = text.lower()
     if isinstance(error, EOFError) or "ran out of input" in lowered:
         return "the file is empty or truncated"
     if "object arrays cannot be loaded" in lowered:
         return "it holds Python objects, not plain numeric arrays"
-    if "contains pickled" in lowered:
+    if "contains pickled" in lowered or "allow_pickle" in lowered:
         return "it is not an npz/npy file (damaged, another format, or pickled Python objects)"
-    if "unsupported global" in lowered:
-        name = text[lowered.index("unsupported global") + len("unsupported global"):].split()[0:1]
-        return (f"it refers to {name[0] if name else 'a Python object'}, which is not a tensor or plain data "
-                "(refused: loading it could run code)")
-    if "weights_only" in lowered or "unpickl" in lowered or "load key" in lowered:
-        return "it is not a PyTorch file of tensors and plain data (damaged or another format)"
-    first = text.splitlines()[0] if text else ""
-    if any(hint in first for hint in _LIBRARY_HINTS):
-        return type(error).__name__
-    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+    sentence = text.split(". ")[0][:160]
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
 # --- the whole run ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from atomic_io import save_npz, write_json
 from errors import UserError
 from evaluation.outputs import file_digest, result_stem
 from validation import check_binary_mask, check_output_files, check_settings, describe_read_error
+from evaluation.progress import ProgressScore, nfe_bar
 
 GUIDANCE = ("none", "cfg", "classifier")
 NAMED_MASKS = ("left", "right", "top", "bottom", "center")
@@ -201,10 +202,44 @@ def _setup(config, workdir: str):
     return run.device, run.sde, run.score_fn, run.step
 
 
-def _pc_options(config, args) -> dict:
+# --solver -> (predictor, corrector) of the PC inpainting; "pc" takes sampling.predictor / sampling.corrector
+PC_SOLVERS = {"pc": None, "em": ("euler_maruyama", "none"), "reverse_diffusion": ("reverse_diffusion", "none"),
+              "ancestral": ("ancestral", "none"), "ald": ("none", "ald")}
+ODE_SOLVERS = {"ode": None, "ode_euler": "euler", "ode_midpoint": "midpoint", "ode_rk4": "rk4"}
+
+
+def _pc_options(config, args, mode: str) -> dict:
+    """Options of the PC inpainting for --solver (default pc: config.sampling.predictor / corrector)."""
     s = config.sampling
-    return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": str(s.predictor),
-            "corrector": str(s.corrector), "snr": float(s.snr), "corrector_steps": int(s.n_steps_each)}
+    solver = getattr(args, "solver", None) or "pc"
+    if solver not in PC_SOLVERS:
+        raise UserError(f"--mode {mode} runs the PC inpainting of Song et al. (app. I), which --solver {solver} "
+                        f"has no form of; use --solver {' | '.join(PC_SOLVERS)} (pc: set sampling.predictor and "
+                        "sampling.corrector)")
+    predictor, corrector = PC_SOLVERS[solver] or (str(s.predictor), str(s.corrector))
+    return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": predictor,
+            "corrector": corrector, "snr": float(s.snr), "corrector_steps": int(s.n_steps_each)}
+
+
+def _ode_options(config, args) -> tuple[str, dict]:
+    """(solver, encode/decode options) for --mode interpolate: --solver ode (sampling.method / rtol / atol, an
+    adaptive method capped by --nfe per direction) or a fixed-step ode_* spending --nfe per direction."""
+    s = config.sampling
+    solver = getattr(args, "solver", None) or "ode"
+    if solver not in ODE_SOLVERS:
+        raise UserError(f"--mode interpolate encodes and decodes along the PF-ODE, --solver {solver} cannot; use "
+                        f"--solver {' | '.join(ODE_SOLVERS)} (ode: set sampling.method, sampling.rtol, sampling.atol)")
+    options = {"method": ODE_SOLVERS[solver] or str(s.get("method") or "dopri5"),
+               "rtol": float(s.rtol if s.get("rtol") is not None else 1e-5),
+               "atol": float(s.atol if s.get("atol") is not None else 1e-5)}
+    nfe = getattr(args, "nfe", None)
+    if nfe is not None or options["method"] in ("euler", "midpoint", "rk4"):
+        options["nfe"] = int(nfe or s.nfe)
+    return solver, options
+
+
+def _pc_label(options: dict) -> str:
+    return f"PC {options['predictor']}+{options['corrector']}"
 
 
 def _output_stem(workdir: str, name: str, settings: dict) -> str:
@@ -253,22 +288,24 @@ def run_inpaint(config, workdir: str, args) -> int:
     _require_images(config, "inpaint", args)
     images = load_images(config, getattr(args, "input", None))
     mask = load_mask(config, getattr(args, "mask", None))
-    options = _pc_options(config, args)
+    options = _pc_options(config, args, "inpaint")
     settings = {**_input_settings(args, "input", "mask"), **options, "seed": int(config.seed)}
     stem = _output_stem(workdir, f"inpaint_seed{config.seed}", settings)
     device, sde, score_fn, step = _setup(config, workdir)
     x0 = get_data_scaler(config)(images).to(device)
     mask = check_mask(mask, x0)
-    with torch.no_grad():
-        out, used = inpaint(sde, score_fn, x0, mask, generator=_generator(config, device), **options)
+    with nfe_bar(options["nfe"], f"inpaint ({_pc_label(options)}, NFE budget {options['nfe']})") as bar:
+        out, used = inpaint(sde, ProgressScore(score_fn, bar), x0, mask, generator=_generator(config, device),
+                            **options)
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
     shown = images * mask.cpu() + 0.5 * (1 - mask.cpu())  # missing pixels in gray
-    facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used, "checkpoint_step": step,
-             "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}, "settings": settings}
+    facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used,
+             "nfe_budget": options["nfe"], "checkpoint_step": step, "seed": int(config.seed),
+             **{k: v for k, v in options.items() if k != "nfe"}, "settings": settings}
     png = _save(stem, [images, shown, result], _uint8(result), facts,
-                f"inpaint, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
-                ["input", "known", "result"])
-    print(f"inpainted {len(images)} image(s) with NFE {used} -> {png}")
+                f"inpaint, {_pc_label(options)}, NFE {used}, step {step}", ["input", "known", "result"])
+    print(f"inpainted {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
+          f"-> {png}")
     return 0
 
 
@@ -281,21 +318,22 @@ def run_colorize(config, workdir: str, args) -> int:
     if channels != 3:
         raise UserError(f"--mode colorize needs an RGB model (data.num_channels = 3), got {channels} channel(s)")
     images = load_images(config, getattr(args, "input", None))
-    options = _pc_options(config, args)
+    options = _pc_options(config, args, "colorize")
     settings = {**_input_settings(args, "input"), **options, "seed": int(config.seed)}
     stem = _output_stem(workdir, f"colorize_seed{config.seed}", settings)
     device, sde, score_fn, step = _setup(config, workdir)
     gray = images.mean(dim=1, keepdim=True)
-    with torch.no_grad():
-        out, used = colorize(sde, score_fn, get_data_scaler(config)(gray).to(device),
+    with nfe_bar(options["nfe"], f"colorize ({_pc_label(options)}, NFE budget {options['nfe']})") as bar:
+        out, used = colorize(sde, ProgressScore(score_fn, bar), get_data_scaler(config)(gray).to(device),
                              generator=_generator(config, device), **options)
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
-    facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "checkpoint_step": step,
-             "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}, "settings": settings}
-    png = _save(stem, [images, gray.expand_as(images), result], _uint8(result), facts,
-                f"colorize, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
-                ["input", "gray", "result"])
-    print(f"colorized {len(images)} image(s) with NFE {used} -> {png}")
+    facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "nfe_budget": options["nfe"],
+             "checkpoint_step": step, "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"},
+             "settings": settings}
+    png = _save(stem, [images, gray.expand_as(images), result], _uint8(result),
+                facts, f"colorize, {_pc_label(options)}, NFE {used}, step {step}", ["input", "gray", "result"])
+    print(f"colorized {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
+          f"-> {png}")
     return 0
 
 
@@ -312,22 +350,26 @@ def run_interpolate(config, workdir: str, args) -> int:
     num_frames = 8 if getattr(args, "num_frames", None) is None else int(args.num_frames)
     if num_frames < 2:
         raise UserError(f"--num_frames must be at least 2 (the two end points), got {num_frames}")
-    lk = config.likelihood
+    solver, options = _ode_options(config, args)
     settings = {**_input_settings(args, "input", "input2"), "num_frames": num_frames,
-                "eps": float(config.sampling.eps), "rtol": float(lk.rtol), "atol": float(lk.atol)}
+                "eps": float(config.sampling.eps), "solver": solver, **options}
     stem = _output_stem(workdir, "interpolate", settings)
     device, sde, score_fn, step = _setup(config, workdir)
     scaler = get_data_scaler(config)
-    with torch.no_grad():
-        frames, used = interpolate(sde, score_fn, scaler(first).to(device), scaler(second).to(device),
-                                   num_frames=num_frames, eps=float(config.sampling.eps),
-                                   rtol=float(lk.rtol), atol=float(lk.atol))
+    budget = 2 * options["nfe"] if "nfe" in options else None  # encode + decode
+    what = f"{options['method']}" + (f", NFE budget {budget}" if budget else f", rtol {options['rtol']:g}")
+    with nfe_bar(budget, f"interpolate (PF-ODE {what})") as bar:
+        frames, used = interpolate(sde, ProgressScore(score_fn, bar), scaler(first).to(device),
+                                   scaler(second).to(device), num_frames=num_frames, eps=float(config.sampling.eps),
+                                   **options)
     frames = get_data_inverse_scaler(config)(frames.float().cpu()).clamp(0, 1)  # (F, N, C, H, W)
     panels = [first] + [frames[k] for k in range(num_frames)] + [second]
     facts = {"mode": "interpolate", "input": args.input, "input2": args.input2, "num_frames": num_frames,
-             "nfe_used": used, "checkpoint_step": step, "rtol": float(lk.rtol), "atol": float(lk.atol),
+             "solver": solver, "nfe_used": used, "nfe_budget": budget, "checkpoint_step": step, **options,
              "settings": settings}
-    labels = ["input"] + [f"{k / (num_frames - 1):.2f}" for k in range(num_frames)] + ["input2"]
-    png = _save(stem, panels, _uint8(frames), facts, f"PF-ODE interpolation, NFE {used}, step {step}", labels)
-    print(f"interpolated {len(first)} pair(s) in {num_frames} frames with NFE {used} -> {png}")
+    labels = ["input"] + [f"a={k / (num_frames - 1):.2f}" for k in range(num_frames)] + ["input2"]
+    png = _save(stem, panels, _uint8(frames), facts,
+                f"PF-ODE interpolation ({options['method']}), NFE {used}, step {step}", labels)
+    print(f"interpolated {len(first)} pair(s) in {num_frames} frames with the PF-ODE ({options['method']}), NFE {used}"
+          + (f" of budget {budget}" if budget else "") + f" -> {png}")
     return 0

@@ -105,7 +105,7 @@ def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | Non
     from evaluation.figures import save_image_grid, save_scatter
 
     if config.data.get("kind", "toy") == "image":
-        return save_image_grid(path, samples[:64])
+        return save_image_grid(path, samples[:64], title=title)
     if samples.ndim == 2 and samples.shape[1] == 2:
         reference = None
         try:
@@ -116,6 +116,16 @@ def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | Non
             pass
         return save_scatter(path, samples, reference=reference, title=title)
     return None
+
+
+def figure_title(info: dict) -> str:
+    """Solver, NFE, checkpoint step and, when guided, class and guidance of a sample figure."""
+    title = f"{info['solver']}, NFE {info['nfe_used']}, step {info['checkpoint_step']}"
+    if info.get("class_label") is not None:
+        title += f", class {info['class_label']}"
+    if info.get("guidance") not in (None, "none"):
+        title += f", {info['guidance']} guidance {info['guidance_scale']:g}"
+    return title
 
 
 def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
@@ -212,8 +222,8 @@ def run(config, workdir: str, args) -> int:
     info["settings"] = settings
     save_npz(stem + ".npz", samples=samples)
     write_json(stem + ".json", info)
-    figure = save_figure(config, stem + ".png", samples,
-                         f"{info['solver']}, NFE {info['nfe_used']}, step {info['checkpoint_step']}")
-    print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} of {info['nfe_requested']}) "
-          f"in {info['seconds']:.1f}s -> {stem}.npz" + (f", {figure}" if figure else ""))
+    figure = save_figure(config, stem + ".png", samples, figure_title(info))
+    print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} used of a budget of "
+          f"{info['nfe_requested']} per batch) in {info['seconds']:.1f} s ({info['samples_per_second']:.2f} samples/s)"
+          f" -> {stem}.npz" + (f", {figure}" if figure else ""))
     return 0

@@ -22,7 +22,7 @@ import torch
 
 from atomic_io import atomic_write
 from errors import UserError
-from validation import describe_read_error
+from training.load_errors import describe_load_error
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -117,15 +117,20 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
-def _verified_source(path: str, what: str = "checkpoint") -> io.BytesIO | str:
-    """The payload of a checksummed file after checking its digest, or `path` itself for a file without one."""
+class _Unverified(io.BytesIO):
+    """The bytes of a file without a checksum (written before checksums were added, or not ours)."""
+
+
+def _verified_source(path: str, what: str = "checkpoint") -> io.BytesIO:
+    """The payload of a checksummed file after checking its digest (an `_Unverified` buffer of the whole file
+    for a file without one: torch.load then says whether it is a checkpoint at all)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as error:
         raise UserError(f"cannot read {what} {path}: {os.strerror(error.errno).lower()}") from None
     if not data.startswith(MAGIC[:10]):
-        return path  # a file from before checksums (or not ours: torch.load says so)
+        return _Unverified(data)
     header, payload = data[:_HEADER_SIZE], memoryview(data)[_HEADER_SIZE:]
     stored = header[len(MAGIC):-1]
     if (not header.startswith(MAGIC) or not header.endswith(b"\n")
@@ -135,10 +140,10 @@ def _verified_source(path: str, what: str = "checkpoint") -> io.BytesIO | str:
     return io.BytesIO(payload)
 
 
-def _note_unverified(source: io.BytesIO | str, path: str, what: str) -> None:
+def _note_unverified(source: io.BytesIO, path: str, what: str) -> None:
     """Say once per process, on stderr, that a file without a checksum was loaded unverified."""
     global _legacy_noted
-    if isinstance(source, str) and not _legacy_noted:
+    if isinstance(source, _Unverified) and not _legacy_noted:
         print(f"note: {what} {path} has no checksum (written before checksums were added); it was loaded "
               "unverified and gets one when it is next saved", file=sys.stderr)
         _legacy_noted = True
@@ -174,8 +179,8 @@ def read_verified(path: str, what: str, map_location: str | torch.device = "cpu"
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for damaged or foreign files
-        raise UserError(f"{what} {path} is corrupt or not a {what} of this toolkit "
-                        f"({describe_read_error(error)})") from None
+        raise UserError(f"{what} {path} is corrupt or not a {what} of this toolkit: {describe_load_error(error)}"
+                        ) from None
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} is not a {what} of this toolkit (holds {type(state).__name__})")
     _check_weights(state, path, what)
@@ -187,13 +192,12 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     """Read a checkpoint written by `save_checkpoint`; a missing, unreadable or incomplete file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train first with --mode train")
-    source = _verified_source(path)  # checksum of the content (files from before checksums: path itself)
+    source = _verified_source(path)  # checksum of the content (files from before checksums: unverified bytes)
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this toolkit "
-                        f"({describe_read_error(error)}); "
-                        "delete it to start over or point --workdir elsewhere") from None
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this toolkit: "
+                        f"{describe_load_error(error)}; delete it to start over or point --workdir elsewhere") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise UserError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "

@@ -19,7 +19,7 @@ from models.guidance import create_classifier
 from sde_lib import SDE, broadcast_to, get_sde
 from training.checkpoint import read_verified, save_checkpoint
 from training.device import get_device
-from validation import check_output_files, check_settings, describe_read_error
+from validation import check_output_files, check_settings
 
 CLASSIFIER_FILE = "classifier.pt"
 _SALT_CLASSIFIER = 0xC1A5
@@ -107,7 +107,7 @@ def load_classifier(config, workdir: str, device: torch.device) -> nn.Module:
         if isinstance(error, UserError):
             raise
         raise UserError(f"classifier {path} does not match config.classifier / the data: "
-                        f"{describe_read_error(error)}") from None
+                        f"{str(error).splitlines()[0][:200]}") from None
     return classifier.eval()
 
 
