@@ -206,7 +206,7 @@ def check_batch_memory(key: str, batch_size: int, config, device: str = "cpu", f
     have = machine_memory_bytes(device)
     if have is not None and need > have:
         raise UserError(f"{key}={batch_size} would need about {need / 2 ** 30:,.0f} GiB of memory "
-                        f"(this machine has {have / 2 ** 30:,.0f} GiB); use a smaller batch size")
+                        f"(this machine has {have / 2 ** 30:,.0f} GiB); use a smaller value")
 
 
 def validate_memory(config, mode: str, args=None) -> None:
