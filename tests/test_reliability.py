@@ -326,3 +326,34 @@ def test_results_with_other_settings_get_other_names(earlier_run, tmp_path):
     assert len(likelihoods) == 2 and all(n.startswith("likelihood_test_h") for n in likelihoods)
     reports = [json.load(open(os.path.join(workdir, "likelihood", n))) for n in likelihoods]
     assert sorted(r["settings"]["eps"] for r in reports) == [1e-5, 1e-4]
+
+
+# --- every write goes through atomic_io -------------------------------------------------------------------------
+_DIRECT_WRITES = [
+    (r"open\([^)]*,\s*[\"'](w|a|x)b?\+?[\"']", "open(..., 'w')"),
+    (r"np\.savez(_compressed)?\(", "np.savez"),
+    (r"torch\.save\((?![^)]*\b(buffer|handle)\b)", "torch.save to a path"),
+    (r"\.savefig\((?![^)]*\bbuffer\b)", "savefig to a path"),
+    (r"imsave\((?![^)]*\bbuffer\b)", "imsave to a path"),
+    (r"json\.dump\(", "json.dump to a file"),
+]
+
+
+def test_no_code_writes_a_file_except_through_atomic_io():
+    """A static guard: the toolkit's code (not its tests) never writes a final path directly."""
+    import re
+
+    offenders = []
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "runs", "__pycache__")
+                   and not d.endswith(".egg-info")]
+        for name in names:
+            if not name.endswith(".py") or name == "atomic_io.py":
+                continue
+            path = os.path.join(folder, name)
+            for number, line in enumerate(open(path, encoding="utf-8"), 1):
+                code = line.split("#", 1)[0]
+                for pattern, what in _DIRECT_WRITES:
+                    if re.search(pattern, code):
+                        offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {what}")
+    assert not offenders, offenders
