@@ -357,3 +357,28 @@ def test_no_code_writes_a_file_except_through_atomic_io():
                     if re.search(pattern, code):
                         offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {what}")
     assert not offenders, offenders
+
+
+def test_atomic_writes_get_the_umask_and_leave_nothing_behind_on_failure(tmp_path):
+    import atomic_io
+
+    old = os.umask(0o022)
+    try:
+        atomic_io.write_json(tmp_path / "a.json", {"x": 1})
+        assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_io.save_npz(tmp_path / "b.npz", samples=np.zeros(3))
+        assert os.stat(tmp_path / "b.npz").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+    def broken(handle):
+        handle.write(b"half")
+        raise RuntimeError("serializer failed")
+
+    with pytest.raises(RuntimeError):
+        atomic_io.atomic_write(tmp_path / "a.json", broken)
+    assert json.load(open(tmp_path / "a.json")) == {"x": 1} and sorted(os.listdir(tmp_path)) == ["a.json", "b.npz"]
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(UserError, match="it is a folder"):
+        atomic_io.write_json(tmp_path / "folder.json", {})
