@@ -292,3 +292,26 @@ def test_valid_guidance_and_mask_values_pass_validation():
     assert validation.check_time("sampling.eps", 1e-5, 1.0) == 1e-5
     with pytest.raises(validation.UserError, match=r"\(0, 0.1\]"):
         validation.check_time("sampling.eps", 0.5, 1.0)
+
+
+@pytest.mark.slow
+def test_the_real_command_line_exits_2_with_one_line(tmp_path):
+    """The same contract through `python main.py` (three of the cases, run at once; slow: three interpreter starts,
+    the in-process table above is the default check)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cases = [(["--mode", "train", "--config", "vp_toy", "--workdir", "/proc/nope/run"], "/proc/nope/run"),
+             (["--mode", "train", "--config", "vp_toy", "--workdir", str(tmp_path / "a"),
+               "--config.training.lr=1e39"], "training.lr"),
+             (["--mode", "sample", "--config", "vp_toy", "--workdir", str(tmp_path / "b"),
+               "--config.sampling.num_samples=0"], "sampling.num_samples")]
+    procs = [(subprocess.Popen([sys.executable, os.path.join(root, "main.py"), *argv], cwd=str(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), expected)
+             for argv, expected in cases]
+    for proc, expected in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+        assert "Traceback" not in err and not out
+    assert os.listdir(tmp_path) == []
