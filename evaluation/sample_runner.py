@@ -181,6 +181,12 @@ def run(config, workdir: str, args) -> int:
         json.dump(info, f, indent=2)
     figure = save_figure(config, stem + ".png", samples,
                          f"{info['solver']}, NFE {info['nfe_used']}, step {info['checkpoint_step']}")
+    if config.data.get("kind", "toy") == "image":  # the layouts external FID tools read
+        from evaluation.exports import save_nhwc_npz, save_png_folder
+
+        save_nhwc_npz(stem + "_nhwc.npz", samples)
+        save_png_folder(stem + "_png", samples)
+        figure = (figure + ", " if figure else "") + f"{stem}_nhwc.npz (arr_0), {stem}_png/"
     print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} of {info['nfe_requested']}) "
           f"in {info['seconds']:.1f}s -> {stem}.npz" + (f", {figure}" if figure else ""))
     return 0

@@ -129,6 +129,15 @@ def config_differences(saved_json: str, config: ml_collections.ConfigDict,
     return diffs
 
 
+def network_differences(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
+    """config_differences limited to what fixes the network and its score conversion (model, SDE, data
+    shape, continuous time); other data/training keys may differ at use time, and so may model.ema_rate."""
+    shape_keys = ("data.dim", "data.image_size", "data.num_channels", "data.centered", "training.continuous")
+    diffs = [d for d in config_differences(saved_json, config, sections=("data", "model", "sde", "training"))
+             if d.split(":")[0] in shape_keys or d.split(".")[0] in ("model", "sde")]
+    return [d for d in diffs if not d.startswith("model.ema_rate")]
+
+
 def restore_model(config, workdir: str, device: str | torch.device, use_ema: bool = True):
     """The trained network of a run in eval mode (EMA weights by default) and its training step.
 
@@ -139,11 +148,7 @@ def restore_model(config, workdir: str, device: str | torch.device, use_ema: boo
 
     path = checkpoint_path(workdir)
     state = load_checkpoint(path, map_location="cpu")
-    # what fixes the network and its score conversion; other data/training keys may differ at use time
-    shape_keys = ("data.dim", "data.image_size", "data.num_channels", "data.centered", "training.continuous")
-    diffs = [d for d in config_differences(state["config"], config, sections=("data", "model", "sde", "training"))
-             if d.split(":")[0] in shape_keys or d.split(".")[0] in ("model", "sde")]
-    diffs = [d for d in diffs if not d.startswith("model.ema_rate")]
+    diffs = network_differences(state["config"], config)
     if diffs:
         raise UserError(f"checkpoint {path} was trained with different settings: {'; '.join(diffs[:6])}")
     model = models.create_model(config)
