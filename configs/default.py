@@ -95,7 +95,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.predictor = "reverse_diffusion"
     sampling.corrector = "langevin"
     sampling.snr = 0.16
-    sampling.n_steps_each = 1
+    sampling.n_steps_each = 1  # corrector (Langevin) steps per predictor step: the samplers' `corrector_steps`
+    # For the samplers that take them (None: the sampler's own default): `method` of ode (dopri5, ..., euler,
+    # midpoint, rk4), ode_scipy (RK45, RK23, DOP853) and sde_torchsde (euler, milstein, ...); `rtol` / `atol`
+    # of the adaptive ones (ode, ode_scipy: 1e-5 / 1e-5; adaptive: 0.05 / 0.0078). sampling.nfe caps those.
+    sampling.method = None
+    sampling.rtol = None
+    sampling.atol = None
     sampling.noise_removal = True
     sampling.compile = False  # torch.compile the network for sampling (solvers/accel.py)
     sampling.cuda_graph = False  # replay the network from a CUDA graph (fixed-shape loops; no-op on CPU)

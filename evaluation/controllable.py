@@ -7,7 +7,6 @@ or float 0..1, NCHW or NHWC); masks are PNG / npz with 1 (or white) = known, 0 =
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -28,11 +27,9 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     classifier: s(x, t) + lambda grad log p_t(c | x) with the run's classifier (`--mode train_classifier`);
     s is the unconditional score (the null class of a conditional model).
     """
-    import models
+    from evaluation.run import load_run
     from models.guidance import classifier_log_prob_fn, conditional_score_fn
-    from sde_lib import get_sde
     from solvers.guidance import check_class_label, classifier_free_guidance, classifier_guidance, conditional_score
-    from training.checkpoint import restore_model
 
     guidance = str(getattr(args, "guidance", None) or "none")
     label = getattr(args, "class_label", None)
@@ -56,8 +53,8 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     elif label is not None:
         label = check_class_label(label, num_classes)
 
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
+    run = load_run(workdir, device, config=config)
+    sde, model, step = run.sde, run.model, run.step
     continuous = bool(config.training.continuous)
     if guidance == "cfg":
         score_fn = classifier_free_guidance(conditional_score_fn(sde, model, continuous), label, num_classes, scale)
@@ -65,12 +62,11 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
         from training.classifier import load_classifier
 
         classifier = load_classifier(config, workdir, device)
-        score_fn = classifier_guidance(models.get_score_fn(sde, model, continuous), classifier_log_prob_fn(classifier),
-                                       label, scale)
+        score_fn = classifier_guidance(run.score_fn, classifier_log_prob_fn(classifier), label, scale)
     elif label is not None:
         score_fn = conditional_score(conditional_score_fn(sde, model, continuous), label)
     else:
-        score_fn = models.get_score_fn(sde, model, continuous)
+        score_fn = run.score_fn
     facts = {"guidance": guidance, "class_label": label,
              "guidance_scale": scale if guidance != "none" else None}
     return sde, score_fn, step, facts
@@ -188,36 +184,34 @@ def load_mask(config, spec: str | None) -> torch.Tensor:
 
 
 # --- the three modes -----------------------------------------------------------------------------------------
-def _setup(config, workdir: str, mode: str):
-    import models
-    from sde_lib import get_sde
-    from training.checkpoint import restore_model
-    from training.device import get_device
+def _setup(config, workdir: str):
+    from evaluation.run import load_run
 
-    device = get_device(config)
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    return device, sde, models.get_score_fn(sde, model, bool(config.training.continuous)), step
+    run = load_run(workdir, config=config)
+    return run.device, run.sde, run.score_fn, run.step
 
 
 def _pc_options(config, args) -> dict:
     s = config.sampling
     return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": str(s.predictor),
-            "corrector": str(s.corrector), "snr": float(s.snr), "n_steps": int(s.n_steps_each)}
+            "corrector": str(s.corrector), "snr": float(s.snr), "corrector_steps": int(s.n_steps_each)}
 
 
-def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict) -> str:
-    """Grid with one row per input and the panels side by side; npz of results; JSON facts. Returns the PNG path."""
+def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict,
+          title: str = "", labels: list[str] | None = None) -> str:
+    """Grid with one row per input and the panels side by side (titled, columns labelled); npz of results;
+    JSON facts. Returns the PNG path."""
+    from atomic_io import save_npz, write_json
     from evaluation.figures import save_image_grid
 
     folder = os.path.join(workdir, "controllable")
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, name)
     tiles = torch.stack([p.clamp(0, 1).float() for p in panels], dim=1)  # (N, panels, C, H, W)
-    png = save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels))
-    np.savez_compressed(stem + ".npz", results=results)
-    with open(stem + ".json", "w") as handle:
-        json.dump(facts, handle, indent=2)
+    png = save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels), title=title,
+                          col_labels=labels)
+    save_npz(stem + ".npz", results=results)
+    write_json(stem + ".json", facts)
     return png
 
 
@@ -237,7 +231,7 @@ def run_inpaint(config, workdir: str, args) -> int:
     _require_images(config, "inpaint")
     images = load_images(config, getattr(args, "input", None))
     mask = load_mask(config, getattr(args, "mask", None))
-    device, sde, score_fn, step = _setup(config, workdir, "inpaint")
+    device, sde, score_fn, step = _setup(config, workdir)
     x0 = get_data_scaler(config)(images).to(device)
     mask = check_mask(mask, x0)
     options = _pc_options(config, args)
@@ -247,7 +241,9 @@ def run_inpaint(config, workdir: str, args) -> int:
     shown = images * mask.cpu() + 0.5 * (1 - mask.cpu())  # missing pixels in gray
     facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used, "checkpoint_step": step,
              "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
-    png = _save(workdir, f"inpaint_seed{config.seed}", [images, shown, result], _uint8(result), facts)
+    png = _save(workdir, f"inpaint_seed{config.seed}", [images, shown, result], _uint8(result), facts,
+                f"inpaint, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
+                ["input", "known", "result"])
     print(f"inpainted {len(images)} image(s) with NFE {used} -> {png}")
     return 0
 
@@ -261,7 +257,7 @@ def run_colorize(config, workdir: str, args) -> int:
     if channels != 3:
         raise UserError(f"--mode colorize needs an RGB model (data.num_channels = 3), got {channels} channel(s)")
     images = load_images(config, getattr(args, "input", None))
-    device, sde, score_fn, step = _setup(config, workdir, "colorize")
+    device, sde, score_fn, step = _setup(config, workdir)
     gray = images.mean(dim=1, keepdim=True)
     options = _pc_options(config, args)
     with torch.no_grad():
@@ -270,7 +266,9 @@ def run_colorize(config, workdir: str, args) -> int:
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
     facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "checkpoint_step": step,
              "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
-    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result), facts)
+    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result), facts,
+                f"colorize, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
+                ["input", "gray", "result"])
     print(f"colorized {len(images)} image(s) with NFE {used} -> {png}")
     return 0
 
@@ -286,7 +284,7 @@ def run_interpolate(config, workdir: str, args) -> int:
     if first.shape != second.shape:
         raise UserError(f"--input and --input2 must hold the same number of images, got {len(first)} and {len(second)}")
     num_frames = int(getattr(args, "num_frames", None) or 8)
-    device, sde, score_fn, step = _setup(config, workdir, "interpolate")
+    device, sde, score_fn, step = _setup(config, workdir)
     scaler = get_data_scaler(config)
     lk = config.likelihood
     with torch.no_grad():
@@ -297,6 +295,8 @@ def run_interpolate(config, workdir: str, args) -> int:
     panels = [first] + [frames[k] for k in range(num_frames)] + [second]
     facts = {"mode": "interpolate", "input": args.input, "input2": args.input2, "num_frames": num_frames,
              "nfe_used": used, "checkpoint_step": step, "rtol": float(lk.rtol), "atol": float(lk.atol)}
-    png = _save(workdir, "interpolate", panels, _uint8(frames), facts)
+    labels = ["input"] + [f"{k / (num_frames - 1):.2f}" if num_frames > 1 else "0.50" for k in range(num_frames)] + ["input2"]
+    png = _save(workdir, "interpolate", panels, _uint8(frames), facts,
+                f"PF-ODE interpolation, NFE {used}, step {step}", labels)
     print(f"interpolated {len(first)} pair(s) in {num_frames} frames with NFE {used} -> {png}")
     return 0

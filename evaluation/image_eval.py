@@ -1,11 +1,14 @@
 """FID, KID and Inception Score of uint8 image samples against a data split, with the standard FID Inception."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from atomic_io import write_json
+from errors import UserError
 from evaluation.image_metrics import frechet_distance_to_features, inception_features, inception_score, kid
 from evaluation.inception import build_inception, describe, resolve_weights
 from evaluation.reference_stats import reference_statistics
@@ -57,23 +60,30 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 class ImageMetricsCallback:
     """Training callback (training.trainer seam): FID/KID/IS of `num_samples` EMA samples every `every` steps.
 
-    Samples with config.sampling's solver and NFE; the Inception and the reference statistics are loaded at
-    construction (so missing weights stop the run before training, in one line) and kept for every call.
+    Samples with config.sampling's solver and NFE (seeded by config.seed: the same noise at every step) and
+    writes each report to WORKDIR/eval/fid_train_step{K}.json. The
+    weights are resolved at construction (missing weights stop `--mode train` before training, in one line);
+    the network and the reference statistics are loaded at the first call (on the main process only).
     """
 
-    def __init__(self, config, every: int, num_samples: int, device: torch.device | str = "cpu",
-                 progress: bool = True):
-        self.config, self.every, self.num_samples = config, int(every), int(num_samples)
-        self.quality = ImageQuality(config, device=device, progress=progress)
-        self.last: dict[str, Any] | None = None
+    def __init__(self, config, every: int, num_samples: int, split: str | None = None):
+        if int(num_samples) < 2:
+            raise UserError(f"eval.fid_num_samples must be at least 2, got {num_samples}")
+        self.config, self.every, self.num_samples, self.split = config, int(every), int(num_samples), split
+        resolve_weights(str(config.eval.inception_weights))
+        self.quality: ImageQuality | None = None
+        self.last: dict[str, Any] | None = None  # the full report of the last call
 
     def __call__(self, event) -> dict[str, float]:
         from evaluation.sample_runner import generate, to_data_space
 
         config = event.config
+        if self.quality is None:
+            self.quality = ImageQuality(config, self.split, device=event.device)
         solver, nfe = str(config.sampling.solver), int(config.sampling.nfe)
         x, nfes = generate(config, event.sde, event.score_fn, solver, nfe, self.num_samples, int(config.seed),
                            event.device, progress=False)
         metrics = self.quality(to_data_space(config, x), seed=int(config.seed))
-        self.last = {**metrics, "step": event.step, "solver": solver, "nfe_requested": nfe, "nfe_used": max(nfes)}
+        self.last = {"step": event.step, "solver": solver, "nfe_requested": nfe, "nfe_used": max(nfes), **metrics}
+        write_json(os.path.join(event.workdir, "eval", f"fid_train_step{event.step}.json"), self.last)
         return {"fid": metrics["fid"], "kid": metrics["kid"], "inception_score": metrics["inception_score"]}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from errors import UserError
 from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
                         nats_per_dim, nats_to_bits)
-from sde_lib import VPSDE, get_sde, subVPSDE
+from sde_lib import VPSDE, subVPSDE
 from training import distributed
 
 SPLITS = ("train", "test")
@@ -209,15 +209,11 @@ def run(config, workdir: str, args) -> int:
 
 def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) -> tuple[dict, int]:
     """The likelihood report of the run's EMA weights on `split`, and the checkpoint step."""
-    import models
-    from training.checkpoint import restore_model
+    from evaluation.run import load_run
     from training.device import strict_float32
 
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)  # the divergence needs grads w.r.t. x only
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+    run = load_run(workdir, device, config=config)  # parameters frozen: the divergence needs grads w.r.t. x only
+    sde, score_fn, step = run.sde, run.score_fn, run.step
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
         return evaluate(config, sde, score_fn, split, num_batches, device), step

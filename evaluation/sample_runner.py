@@ -19,7 +19,8 @@ from training import distributed
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
-                     "n_steps_each": "n_steps", "noise_removal": "noise_removal"}
+                     "n_steps_each": "corrector_steps", "noise_removal": "noise_removal",
+                     "method": "method", "rtol": "rtol", "atol": "atol"}
 
 
 def sample_shape(config) -> tuple[int, ...]:
@@ -36,7 +37,7 @@ def sampler_options(config, solver: str) -> dict:
     accepted = inspect.signature(SAMPLERS[solver]).parameters
     options = {}
     for key, name in _SAMPLING_OPTIONS.items():
-        if name in accepted and key in config.sampling:
+        if name in accepted and config.sampling.get(key) is not None:  # None: the sampler's own default
             options[name] = config.sampling[key]
     return options
 
@@ -44,8 +45,7 @@ def sampler_options(config, solver: str) -> dict:
 def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, seed: int,
              device: torch.device, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """num_samples samples (model space, on CPU) in batches of config.sampling.batch_size; and NFE per batch."""
-    from tqdm import tqdm
-
+    from evaluation.progress import ProgressScore, nfe_bar
     from solvers import available_solvers, sample
 
     if solver not in available_solvers():
@@ -66,10 +66,12 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     # processes gather the result: the samples do not depend on the number of processes.
     info = distributed.current_info()
     mine = distributed.my_share(len(sizes), info)
-    with torch.no_grad():
-        for index in tqdm(mine, desc=f"sampling ({solver})", disable=not progress or len(mine) < 2 or not info.is_main):
+    desc = f"sampling {len(mine)}x{batch_size} ({solver}, NFE budget {nfe} per batch)"
+    with torch.no_grad(), nfe_bar(nfe * len(mine), desc, progress and info.is_main) as bar:
+        counted = ProgressScore(score_fn, bar)  # one tick per score evaluation, all batches on one bar
+        for index in mine:
             generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(seed, index))
-            x, used = sample(sde, score_fn, (sizes[index],) + shape, solver=solver, nfe=nfe,
+            x, used = sample(sde, counted, (sizes[index],) + shape, solver=solver, nfe=nfe,
                              eps=float(config.sampling.eps), generator=generator, **options)
             chunks[index] = x.float().cpu()
             nfes[index] = int(used)
@@ -88,14 +90,10 @@ def to_data_space(config, x: torch.Tensor) -> np.ndarray:
 
 def load_score_fn(config, workdir: str, device: torch.device):
     """(sde, score_fn, step) from the EMA weights of the latest checkpoint in workdir."""
-    import models
-    from sde_lib import get_sde
-    from training.checkpoint import restore_model
+    from evaluation.run import load_run
 
-    sde = get_sde(config)
-    model, step = restore_model(config, workdir, device)
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
-    return sde, score_fn, step
+    run = load_run(workdir, device, config=config)
+    return run.sde, run.score_fn, run.step
 
 
 def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | None:

@@ -14,20 +14,20 @@ Noise = Callable[[], torch.Tensor]
 class Corrector:
     """Base class: `update(x, t, noise) -> (x, x_mean)` with `nfe_per_step` score evaluations."""
 
-    def __init__(self, sde: SDE, score_fn: Callable, n_steps: int = 1, snr: float = 0.16,
-                 t_min: float = 1e-3, step_eps: float | None = None):
-        if int(n_steps) < 1:
-            raise UserError(f"corrector n_steps must be >= 1, got {n_steps}")
+    def __init__(self, sde: SDE, score_fn: Callable, corrector_steps: int = 1, snr: float = 0.16,
+                 t_min: float = 1e-3, step_size: float | None = None):
+        if int(corrector_steps) < 1:
+            raise UserError(f"corrector_steps (config sampling.n_steps_each) must be >= 1, got {corrector_steps}")
         self.sde = sde
         self.score_fn = score_fn
-        self.n_steps = int(n_steps)
+        self.corrector_steps = int(corrector_steps)
         self.snr = float(snr)
         self.t_min = float(t_min)
-        self.step_eps = step_eps
+        self.step_size = step_size
 
     @property
     def nfe_per_step(self) -> int:
-        return self.n_steps
+        return self.corrector_steps
 
     def update(self, x: torch.Tensor, t: torch.Tensor, noise: Noise):
         raise NotImplementedError
@@ -53,7 +53,7 @@ class LangevinCorrector(Corrector):
         tt = batch_time(t, x)
         alpha = self._alpha(x, tt)
         x_mean = x
-        for _ in range(self.n_steps):
+        for _ in range(self.corrector_steps):
             grad = self.score_fn(x, tt)
             z = noise()
             ratio = _per_sample_norm(z).mean() / _per_sample_norm(grad).mean()
@@ -67,21 +67,21 @@ class AnnealedLangevinCorrector(Corrector):
     """Annealed Langevin dynamics (Song & Ermon, 2019, alg. 1): step alpha_i = eps sigma_i^2 / sigma_L^2.
 
     sigma_i is the marginal std at t, sigma_L the smallest one (at t_min); x <- x + alpha_i/2 s + sqrt(alpha_i) z.
-    `step_eps` defaults to Song & Ermon's 2e-5 for sigma_L = 0.01, i.e. alpha_i = 0.2 sigma_i^2.
+    `step_size` (Song & Ermon's epsilon) defaults to their 2e-5 for sigma_L = 0.01, i.e. alpha_i = 0.2 sigma_i^2.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.sigma_min = float(self.sde.marginal_std(torch.tensor(self.t_min, dtype=torch.float64)))
-        self.eps = 0.2 * self.sigma_min ** 2 if self.step_eps is None else float(self.step_eps)
-        if self.eps <= 0:
-            raise UserError(f"annealed Langevin step_eps must be positive, got {self.step_eps}")
+        self.step_constant = 0.2 * self.sigma_min ** 2 if self.step_size is None else float(self.step_size)
+        if self.step_constant <= 0:
+            raise UserError(f"annealed Langevin step_size must be positive, got {self.step_size}")
 
     def update(self, x, t, noise):
         tt = batch_time(t, x)
-        step = broadcast_to(self.eps * self.sde.marginal_std(tt) ** 2 / self.sigma_min ** 2, x)
+        step = broadcast_to(self.step_constant * self.sde.marginal_std(tt) ** 2 / self.sigma_min ** 2, x)
         x_mean = x
-        for _ in range(self.n_steps):
+        for _ in range(self.corrector_steps):
             x_mean = x + 0.5 * step * self.score_fn(x, tt)
             x = x_mean + torch.sqrt(step) * noise()
         return x, x_mean

@@ -158,3 +158,24 @@ def test_real_weights_when_present():
     assert np.isfinite(pool).all() and (pool >= 0).all() and logits.shape == (4, 1008)
     mu, sigma = feature_statistics(pool)
     assert frechet_distance_to_features(pool, mu, sigma) < 1e-6 * np.trace(sigma)
+
+
+def test_training_callback_every_k_steps(tmp_path, weights, capsys):
+    workdir = str(tmp_path / "run")
+    code = main.main(["--mode", "train", "--config", "vp_digits", "--workdir", workdir,
+                      "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+                      "--config.training.n_iters=2", "--config.training.batch_size=4", "--config.training.plot_samples=0",
+                      "--config.training.progress=false", "--config.sampling.solver=em", "--config.sampling.nfe=2",
+                      "--config.eval.fid_every=1", "--config.eval.fid_num_samples=2",
+                      "--config.eval.reference_num_images=3", "--config.eval.kid_reference_features=3",
+                      f"--config.eval.stats_dir={tmp_path / 'stats'}", f"--config.eval.inception_weights={weights}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "(2 samples vs 3 train images)" in out
+    summary = json.load(open(os.path.join(workdir, "train_summary.json")))
+    assert {"fid", "kid", "inception_score"} <= set(summary["metrics"])
+    for step in (1, 2):
+        report = json.load(open(os.path.join(workdir, "eval", f"fid_train_step{step}.json")))
+        assert report["step"] == step and report["num_samples"] == 2 and report["solver"] == "em"
+        assert report["nfe_used"] == 2 and report["split"] == "train" and report["reference_num_images"] == 3
+    assert summary["metrics"]["fid"] == pytest.approx(report["fid"])

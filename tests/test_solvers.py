@@ -83,7 +83,7 @@ def test_error_falls_with_nfe_to_noise_floor_ring2d(solver, ring):
 
 SWEEP = (10, 20, 50, 100, 250, 1000)
 # |gap| allowed at the largest budget, set from measurement (n = 2000: standard error ~0.016 on ring2d, ~0.14 on
-# mix64). ALD keeps a bias in 64-D at 1000 NFE (gap ~3 at n_steps=2; 0.93 at 4000 NFE): it gets 4000 and 1.5.
+# mix64). ALD keeps a bias in 64-D at 1000 NFE (gap ~3 at corrector_steps=2; 0.93 at 4000 NFE): it gets 4000 and 1.5.
 SWEEP_GAP_TOL = {"ring2d": 0.12, "mix64": 0.5}
 SWEEP_EXTRA = {("ald", "mix64"): ((4000,), 1.5)}
 
@@ -123,7 +123,7 @@ def test_ald_on_discrete_ve():
     """ALD (NCSN) with a VE SDE of 10 discrete noise levels' geometric range recovers the ring's modes."""
     mixture = toy_mixture("ring2d")
     sde = VESDE(0.01, 20.0, N=10)
-    x, used = draw("ald", sde, mixture.score_fn(sde), 2000, 2, 600, n_steps=3)
+    x, used = draw("ald", sde, mixture.score_fn(sde), 2000, 2, 600, corrector_steps=3)
     assert used == 199 * 3 + 1  # 199 levels x 3 steps + final denoising
     radius = x.norm(dim=1)
     assert abs(radius.mean().item() - 2.0) < 0.05
@@ -184,7 +184,7 @@ def test_langevin_corrector_step_size_follows_snr():
     """Alg. 4 (VE): step = 2 (snr ||z|| / ||s||)^2 with batch-mean norms, x <- x + step s + sqrt(2 step) z."""
     g = torch.Generator().manual_seed(2)
     x, s, z = (torch.randn(32, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    corrector = CORRECTORS["langevin"](VESDE(), lambda y, t: s, n_steps=1, snr=0.16)
+    corrector = CORRECTORS["langevin"](VESDE(), lambda y, t: s, corrector_steps=1, snr=0.16)
     out, mean = corrector.update(x, torch.tensor(0.3), lambda: z)
     step = 2 * (0.16 * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
     assert torch.allclose(mean, x + step * s) and torch.allclose(out, mean + torch.sqrt(2 * step) * z)
@@ -256,7 +256,7 @@ def test_budget_maps_to_steps(solver, nfe, expected):
 def test_pc_budget_with_corrector_steps_and_denoising():
     mixture, sde = toy_mixture("ring2d"), VESDE(0.01, 20.0)
     counter = CountingScore(mixture.score_fn(sde))
-    _, used = draw("pc", sde, counter, 4, 2, 100, predictor="reverse_diffusion", corrector="ald", n_steps=2,
+    _, used = draw("pc", sde, counter, 4, 2, 100, predictor="reverse_diffusion", corrector="ald", corrector_steps=2,
                    denoise=True)
     assert used == counter.calls == 33 * 3 + 1
 
@@ -275,7 +275,7 @@ def test_generator_makes_samples_reproducible(solver):
 def test_x_T_and_dtype_are_respected(solver):
     mixture, sde = toy_mixture("ring2d"), VPSDE()
     x_T = torch.randn(8, 2, dtype=torch.float64)
-    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=60, x_T=x_T,
+    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=None if solver == "ode" else 60, x_T=x_T,
                           generator=torch.Generator().manual_seed(0))
     assert x.dtype == torch.float64
     assert torch.equal(x_T, x_T.clone())  # not modified in place
@@ -328,3 +328,17 @@ def test_unknown_solver_option_is_a_clear_error():
     sde = VPSDE()
     with pytest.raises(UserError, match=r"solver 'ddim' has no option 'snr'; its options: eta, schedule"):
         sample(sde, toy_mixture("ring2d").score_fn(sde), (4, 2), solver="ddim", nfe=5, snr=0.1)
+
+
+@pytest.mark.parametrize("solver", ["ode", "ode_scipy"])
+def test_nfe_caps_the_adaptive_ode_solvers(solver):
+    """`nfe` is a budget for every solver: an adaptive ODE that needs more refuses in one line naming the keys."""
+    mixture, sde = toy_mixture("ring2d"), VPSDE()
+    score = mixture.score_fn(sde)
+    _, needed = solvers.sample(sde, score, (64, 2), solver=solver, generator=torch.Generator().manual_seed(0))
+    _, used = solvers.sample(sde, score, (64, 2), solver=solver, nfe=needed,
+                             generator=torch.Generator().manual_seed(0))
+    assert used == needed
+    with pytest.raises(UserError, match=r"more than nfe=\d+ .*sampling\.rtol") as error:
+        solvers.sample(sde, score, (64, 2), solver=solver, nfe=needed - 1, generator=torch.Generator().manual_seed(0))
+    assert len(str(error.value).splitlines()) == 1

@@ -129,12 +129,16 @@ def config_differences(saved_json: str, config: ml_collections.ConfigDict,
     return diffs
 
 
+# What fixes the trained network and its score conversion (with the model and sde sections); other data /
+# training keys, and sampling / likelihood / eval settings, may differ at use time.
+NETWORK_KEYS = ("data.dim", "data.image_size", "data.num_channels", "data.centered", "data.num_classes",
+                "training.continuous")
+
+
 def network_differences(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
-    """config_differences limited to what fixes the network and its score conversion (model, SDE, data
-    shape, continuous time); other data/training keys may differ at use time, and so may model.ema_rate."""
-    shape_keys = ("data.dim", "data.image_size", "data.num_channels", "data.centered", "training.continuous")
+    """Differences ("key: saved -> now") between a run's saved config and `config` in what fixes the network."""
     diffs = [d for d in config_differences(saved_json, config, sections=("data", "model", "sde", "training"))
-             if d.split(":")[0] in shape_keys or d.split(".")[0] in ("model", "sde")]
+             if d.split(":")[0] in NETWORK_KEYS or d.split(".")[0] in ("model", "sde")]
     return [d for d in diffs if not d.startswith("model.ema_rate")]
 
 
