@@ -118,6 +118,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     likelihood.split = "test"
     likelihood.num_batches = 0  # batches to evaluate (0 = the whole split; toys: toy_num_samples points)
     likelihood.toy_num_samples = 2000  # size of a toy split (fixed exact samples per seed and split)
+    # Evaluate the network as a continuous-time score for the PF-ODE whatever its training (the reference's
+    # likelihood code: get_score_fn(..., continuous=True)): a discrete VP model gets 999 t and the marginal std
+    # (the DDPM network's labels t (N - 1) are the same numbers for N = 1000); false keeps the step-wise
+    # discrete score (DDPM's std at labels.long(), SMLD's nearest level), whose ODE drift jumps at every step.
+    likelihood.continuous_score = True
     likelihood.ddpm_bound = False  # also the DDPM variational bound (discrete-time VP models only)
     likelihood.ddpm_variance = "fixedlarge"  # decoder/reverse variances: "fixedlarge" (beta_t) or "fixedsmall"
     likelihood.ddpm_num_terms = 0  # KL terms per image (0 = all N-1; K > 0 = unbiased estimate from K)

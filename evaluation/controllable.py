@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from evaluation.progress import ProgressScore, nfe_bar
 
 GUIDANCE = ("none", "cfg", "classifier")
 NAMED_MASKS = ("left", "right", "top", "bottom", "center")
@@ -191,10 +192,44 @@ def _setup(config, workdir: str):
     return run.device, run.sde, run.score_fn, run.step
 
 
-def _pc_options(config, args) -> dict:
+# --solver -> (predictor, corrector) of the PC inpainting; "pc" takes sampling.predictor / sampling.corrector
+PC_SOLVERS = {"pc": None, "em": ("euler_maruyama", "none"), "reverse_diffusion": ("reverse_diffusion", "none"),
+              "ancestral": ("ancestral", "none"), "ald": ("none", "ald")}
+ODE_SOLVERS = {"ode": None, "ode_euler": "euler", "ode_midpoint": "midpoint", "ode_rk4": "rk4"}
+
+
+def _pc_options(config, args, mode: str) -> dict:
+    """Options of the PC inpainting for --solver (default pc: config.sampling.predictor / corrector)."""
     s = config.sampling
-    return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": str(s.predictor),
-            "corrector": str(s.corrector), "snr": float(s.snr), "corrector_steps": int(s.n_steps_each)}
+    solver = getattr(args, "solver", None) or "pc"
+    if solver not in PC_SOLVERS:
+        raise UserError(f"--mode {mode} runs the PC inpainting of Song et al. (app. I), which --solver {solver} "
+                        f"has no form of; use --solver {' | '.join(PC_SOLVERS)} (pc: set sampling.predictor and "
+                        "sampling.corrector)")
+    predictor, corrector = PC_SOLVERS[solver] or (str(s.predictor), str(s.corrector))
+    return {"nfe": getattr(args, "nfe", None) or int(s.nfe), "eps": float(s.eps), "predictor": predictor,
+            "corrector": corrector, "snr": float(s.snr), "corrector_steps": int(s.n_steps_each)}
+
+
+def _ode_options(config, args) -> tuple[str, dict]:
+    """(solver, encode/decode options) for --mode interpolate: --solver ode (sampling.method / rtol / atol, an
+    adaptive method capped by --nfe per direction) or a fixed-step ode_* spending --nfe per direction."""
+    s = config.sampling
+    solver = getattr(args, "solver", None) or "ode"
+    if solver not in ODE_SOLVERS:
+        raise UserError(f"--mode interpolate encodes and decodes along the PF-ODE, --solver {solver} cannot; use "
+                        f"--solver {' | '.join(ODE_SOLVERS)} (ode: set sampling.method, sampling.rtol, sampling.atol)")
+    options = {"method": ODE_SOLVERS[solver] or str(s.get("method") or "dopri5"),
+               "rtol": float(s.rtol if s.get("rtol") is not None else 1e-5),
+               "atol": float(s.atol if s.get("atol") is not None else 1e-5)}
+    nfe = getattr(args, "nfe", None)
+    if nfe is not None or options["method"] in ("euler", "midpoint", "rk4"):
+        options["nfe"] = int(nfe or s.nfe)
+    return solver, options
+
+
+def _pc_label(options: dict) -> str:
+    return f"PC {options['predictor']}+{options['corrector']}"
 
 
 def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict,
@@ -234,17 +269,19 @@ def run_inpaint(config, workdir: str, args) -> int:
     device, sde, score_fn, step = _setup(config, workdir)
     x0 = get_data_scaler(config)(images).to(device)
     mask = check_mask(mask, x0)
-    options = _pc_options(config, args)
-    with torch.no_grad():
-        out, used = inpaint(sde, score_fn, x0, mask, generator=_generator(config, device), **options)
+    options = _pc_options(config, args, "inpaint")
+    with nfe_bar(options["nfe"], f"inpaint ({_pc_label(options)}, NFE budget {options['nfe']})") as bar:
+        out, used = inpaint(sde, ProgressScore(score_fn, bar), x0, mask, generator=_generator(config, device),
+                            **options)
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
     shown = images * mask.cpu() + 0.5 * (1 - mask.cpu())  # missing pixels in gray
-    facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used, "checkpoint_step": step,
-             "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
+    facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used,
+             "nfe_budget": options["nfe"], "checkpoint_step": step, "seed": int(config.seed),
+             **{k: v for k, v in options.items() if k != "nfe"}}
     png = _save(workdir, f"inpaint_seed{config.seed}", [images, shown, result], _uint8(result), facts,
-                f"inpaint, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
-                ["input", "known", "result"])
-    print(f"inpainted {len(images)} image(s) with NFE {used} -> {png}")
+                f"inpaint, {_pc_label(options)}, NFE {used}, step {step}", ["input", "known", "result"])
+    print(f"inpainted {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
+          f"-> {png}")
     return 0
 
 
@@ -259,17 +296,17 @@ def run_colorize(config, workdir: str, args) -> int:
     images = load_images(config, getattr(args, "input", None))
     device, sde, score_fn, step = _setup(config, workdir)
     gray = images.mean(dim=1, keepdim=True)
-    options = _pc_options(config, args)
-    with torch.no_grad():
-        out, used = colorize(sde, score_fn, get_data_scaler(config)(gray).to(device),
+    options = _pc_options(config, args, "colorize")
+    with nfe_bar(options["nfe"], f"colorize ({_pc_label(options)}, NFE budget {options['nfe']})") as bar:
+        out, used = colorize(sde, ProgressScore(score_fn, bar), get_data_scaler(config)(gray).to(device),
                              generator=_generator(config, device), **options)
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
-    facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "checkpoint_step": step,
-             "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
-    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result), facts,
-                f"colorize, PC {options['predictor']}+{options['corrector']}, NFE {used}, step {step}",
-                ["input", "gray", "result"])
-    print(f"colorized {len(images)} image(s) with NFE {used} -> {png}")
+    facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "nfe_budget": options["nfe"],
+             "checkpoint_step": step, "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
+    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result),
+                facts, f"colorize, {_pc_label(options)}, NFE {used}, step {step}", ["input", "gray", "result"])
+    print(f"colorized {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
+          f"-> {png}")
     return 0
 
 
@@ -286,17 +323,20 @@ def run_interpolate(config, workdir: str, args) -> int:
     num_frames = int(getattr(args, "num_frames", None) or 8)
     device, sde, score_fn, step = _setup(config, workdir)
     scaler = get_data_scaler(config)
-    lk = config.likelihood
-    with torch.no_grad():
-        frames, used = interpolate(sde, score_fn, scaler(first).to(device), scaler(second).to(device),
-                                   num_frames=num_frames, eps=float(config.sampling.eps),
-                                   rtol=float(lk.rtol), atol=float(lk.atol))
+    solver, options = _ode_options(config, args)
+    budget = 2 * options["nfe"] if "nfe" in options else None  # encode + decode
+    what = f"{options['method']}" + (f", NFE budget {budget}" if budget else f", rtol {options['rtol']:g}")
+    with nfe_bar(budget, f"interpolate (PF-ODE {what})") as bar:
+        frames, used = interpolate(sde, ProgressScore(score_fn, bar), scaler(first).to(device),
+                                   scaler(second).to(device), num_frames=num_frames, eps=float(config.sampling.eps),
+                                   **options)
     frames = get_data_inverse_scaler(config)(frames.float().cpu()).clamp(0, 1)  # (F, N, C, H, W)
     panels = [first] + [frames[k] for k in range(num_frames)] + [second]
     facts = {"mode": "interpolate", "input": args.input, "input2": args.input2, "num_frames": num_frames,
-             "nfe_used": used, "checkpoint_step": step, "rtol": float(lk.rtol), "atol": float(lk.atol)}
-    labels = ["input"] + [f"{k / (num_frames - 1):.2f}" if num_frames > 1 else "0.50" for k in range(num_frames)] + ["input2"]
+             "solver": solver, "nfe_used": used, "nfe_budget": budget, "checkpoint_step": step, **options}
+    labels = ["input"] + [f"a={k / (num_frames - 1):.2f}" for k in range(num_frames)] + ["input2"]
     png = _save(workdir, "interpolate", panels, _uint8(frames), facts,
-                f"PF-ODE interpolation, NFE {used}, step {step}", labels)
-    print(f"interpolated {len(first)} pair(s) in {num_frames} frames with NFE {used} -> {png}")
+                f"PF-ODE interpolation ({options['method']}), NFE {used}, step {step}", labels)
+    print(f"interpolated {len(first)} pair(s) in {num_frames} frames with the PF-ODE ({options['method']}), NFE {used}"
+          + (f" of budget {budget}" if budget else "") + f" -> {png}")
     return 0

@@ -7,13 +7,13 @@ data, image grid for images).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 
 import numpy as np
 import torch
 
+from atomic_io import save_npz, write_json
 from errors import UserError
 from training import distributed
 
@@ -101,7 +101,7 @@ def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | Non
     from evaluation.figures import save_image_grid, save_scatter
 
     if config.data.get("kind", "toy") == "image":
-        return save_image_grid(path, samples[:64])
+        return save_image_grid(path, samples[:64], title=title)
     if samples.ndim == 2 and samples.shape[1] == 2:
         reference = None
         try:
@@ -112,6 +112,16 @@ def save_figure(config, path: str, samples: np.ndarray, title: str) -> str | Non
             pass
         return save_scatter(path, samples, reference=reference, title=title)
     return None
+
+
+def figure_title(info: dict) -> str:
+    """Solver, NFE, checkpoint step and, when guided, class and guidance of a sample figure."""
+    title = f"{info['solver']}, NFE {info['nfe_used']}, step {info['checkpoint_step']}"
+    if info.get("class_label") is not None:
+        title += f", class {info['class_label']}"
+    if info.get("guidance") not in (None, "none"):
+        title += f", {info['guidance']} guidance {info['guidance_scale']:g}"
+    return title
 
 
 def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
@@ -174,17 +184,16 @@ def run(config, workdir: str, args) -> int:
     if info.get("class_label") is not None:
         scale = f"{info['guidance_scale']:g}" if info.get("guidance_scale") is not None else ""
         stem += f"_class{info['class_label']}" + (f"_{info['guidance']}{scale}" if info["guidance"] != "none" else "")
-    np.savez_compressed(stem + ".npz", samples=samples)
-    with open(stem + ".json", "w") as f:
-        json.dump(info, f, indent=2)
-    figure = save_figure(config, stem + ".png", samples,
-                         f"{info['solver']}, NFE {info['nfe_used']}, step {info['checkpoint_step']}")
+    save_npz(stem + ".npz", samples=samples)
+    write_json(stem + ".json", info)
+    figure = save_figure(config, stem + ".png", samples, figure_title(info))
     if config.data.get("kind", "toy") == "image":  # the layouts external FID tools read
         from evaluation.exports import save_nhwc_npz, save_png_folder
 
         save_nhwc_npz(stem + "_nhwc.npz", samples)
         save_png_folder(stem + "_png", samples)
         figure = (figure + ", " if figure else "") + f"{stem}_nhwc.npz (arr_0), {stem}_png/"
-    print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} of {info['nfe_requested']}) "
-          f"in {info['seconds']:.1f}s -> {stem}.npz" + (f", {figure}" if figure else ""))
+    print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} used of a budget of "
+          f"{info['nfe_requested']} per batch) in {info['seconds']:.1f} s ({info['samples_per_second']:.2f} samples/s)"
+          f" -> {stem}.npz" + (f", {figure}" if figure else ""))
     return 0

@@ -223,6 +223,25 @@ def test_colorize_and_interpolate_cli(tmp_path):
     assert results.shape == images.shape and results.dtype == np.uint8  # (untrained net: colors are noise)
     second = str(tmp_path / "second.npz")
     np.savez(second, images=images[::-1].copy())
-    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", second, "--num_frames", "4") == 0
+    # --nfe 6 per direction: too few for dopri5 at 1e-5 (one line naming the keys), what ode_euler spends exactly
+    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", second, "--num_frames", "4") == 2
+    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", second, "--num_frames", "4",
+                "--solver", "ode_euler") == 0
     frames = np.load(os.path.join(workdir, "controllable", "interpolate.npz"))["results"]
     assert frames.shape == (4, 2, 3, 8, 8)
+    facts = json.load(open(os.path.join(workdir, "controllable", "interpolate.json")))
+    assert facts["nfe_used"] == 12 and facts["method"] == "euler" and facts["solver"] == "ode_euler"
+
+
+def test_controllable_modes_honour_or_refuse_solver(tmp_path, capsys):
+    workdir, overrides, path, _ = _tiny_run(tmp_path, channels=3)
+    assert _cli("inpaint", workdir, overrides, "--input", path, "--mask", "left", "--solver", "em") == 0
+    facts = json.load(open(os.path.join(workdir, "controllable", "inpaint_seed42.json")))
+    assert (facts["predictor"], facts["corrector"], facts["nfe_used"]) == ("euler_maruyama", "none", 6)
+    capsys.readouterr()
+    for mode, solver, key in [("inpaint", "ddim", "sampling.predictor"), ("colorize", "heun", "sampling.corrector"),
+                              ("interpolate", "em", "sampling.method")]:
+        extra = ["--input2", path] if mode == "interpolate" else ["--mask", "left"] if mode == "inpaint" else []
+        assert _cli(mode, workdir, overrides, "--input", path, "--solver", solver, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--solver {solver}" in err and key in err

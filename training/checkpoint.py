@@ -12,6 +12,7 @@ import torch
 
 from atomic_io import atomic_write
 from errors import UserError
+from training.load_errors import describe_load_error
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -78,9 +79,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this toolkit "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-                        "delete it to start over or point --workdir elsewhere") from None
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this toolkit: "
+                        f"{describe_load_error(error)}; delete it to start over or point --workdir elsewhere") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise UserError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "

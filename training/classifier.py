@@ -18,6 +18,7 @@ from errors import UserError
 from models.guidance import create_classifier
 from sde_lib import SDE, broadcast_to, get_sde
 from training.device import get_device
+from training.load_errors import describe_load_error
 
 CLASSIFIER_FILE = "classifier.pt"
 _SALT_CLASSIFIER = 0xC1A5
@@ -103,6 +104,9 @@ def load_classifier(config, workdir: str, device: torch.device) -> nn.Module:
                         f"(same --config and --workdir)")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise UserError(f"classifier {path} is corrupt: {describe_load_error(error)}") from None
+    try:
         classifier = create_classifier(config).to(device)
         classifier.load_state_dict(state["state_dict"])
     except (RuntimeError, KeyError, EOFError, OSError, ValueError) as error:
