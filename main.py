@@ -1,4 +1,6 @@
-"""Command line: python main.py --mode train|sample|likelihood|eval --config NAME [--workdir DIR] [--config.a.b=v]."""
+"""Command line: python main.py --mode MODE [--config NAME] [--workdir DIR] [--device D] [--config.a.b=v].
+
+With --workdir holding a trained run, every mode uses the run's saved config (evaluation/run.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +9,7 @@ import sys
 
 # mode -> "module:function"; each function is run(config, workdir, args) -> exit code (None means 0)
 MODES = {
-    "train": "training.runner:run",
+    "train": "evaluation.train_runner:run",
     "sample": "evaluation.sample_runner:run",
     "likelihood": "evaluation.likelihood_runner:run",
     "eval": "evaluation.eval_runner:run",
@@ -15,6 +17,7 @@ MODES = {
     "inpaint": "evaluation.controllable:run_inpaint",
     "colorize": "evaluation.controllable:run_colorize",
     "interpolate": "evaluation.controllable:run_interpolate",
+    "export": "evaluation.exports:run",
 }
 
 
@@ -22,15 +25,25 @@ class CLIError(Exception):
     """A problem with the command line, reported as one line."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one CLIError line (not usage text and SystemExit)."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `--config.KEY=VALUE` overrides are collected separately."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description="Score-based generative modeling through SDEs: train, sample, compute bits/dim.",
         epilog="Override any config value with --config.KEY=VALUE, e.g. --config.training.batch_size=64.")
     parser.add_argument("--mode", required=True, help=f"one of: {', '.join(MODES)}")
-    parser.add_argument("--config", required=True, help="a config name from configs/ or a path to a config file")
+    parser.add_argument("--config", default=None, help="a config name from configs/, a path to a config file "
+                        "or a run's config.json (default: the saved config of the run in --workdir)")
     parser.add_argument("--workdir", default=None, help="run folder for checkpoints, logs and outputs "
                         "(default: runs/CONFIG)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (config key: device; "
+                        "default auto = CUDA when present)")
     parser.add_argument("--solver", default=None, help="sampler name (default: config.sampling.solver)")
     parser.add_argument("--nfe", type=int, default=None, help="budget of score evaluations for the sampler")
     parser.add_argument("--num_samples", type=int, default=None, help="number of samples to draw")
@@ -48,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask", default=None, help="inpainting mask (PNG / npz, 1 = known) or "
                         "left|right|top|bottom|center")
     parser.add_argument("--num_frames", type=int, default=None, help="interpolation frames (default 8)")
+    parser.add_argument("--allow_large", action="store_true", help="lift the sane upper bounds on budgets and "
+                        "counts (--nfe, numbers of samples, iterations; see validation.py)")
     return parser
 
 
@@ -76,23 +91,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def load_runner(mode: str):
-    """Import the function that implements `mode`, or explain that it has not landed yet."""
+    """Import the function that implements `mode`."""
     module_name, function_name = MODES[mode].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name.split(".")[0]) and error.name in module_name:
-            raise CLIError(f"mode {mode!r} is not implemented yet in this version of the toolkit") from None
-        raise
-    return getattr(module, function_name)
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def check_solver(name: str) -> None:
     """Fail with the list of valid names if `name` is not a known sampler."""
-    try:
-        from solvers import available_solvers
-    except ImportError:
-        raise CLIError("no samplers are available in this version of the toolkit") from None
+    from solvers import available_solvers
+
     valid = available_solvers()
     if name not in valid:
         raise CLIError(f"unknown solver {name!r}; valid: {', '.join(valid)}")
@@ -100,25 +107,27 @@ def check_solver(name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    import configs
     from errors import UserError
+    from evaluation.run import resolve_config
+    from training.device import get_device
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
         if args.mode not in MODES:
             raise CLIError(f"unknown mode {args.mode!r}; valid: {', '.join(MODES)}")
-        config = configs.get_config(args.config)
-        configs.apply_overrides(config, overrides)
+        config, workdir = resolve_config(args.config, args.workdir, overrides, args.mode)
+        if args.device is not None:
+            config.device = args.device
+        get_device(config)  # an unknown or unavailable device fails here, in one line
         if args.solver is not None:
             check_solver(args.solver)
-        if args.nfe is not None and args.nfe <= 0:
-            raise CLIError(f"--nfe must be positive, got {args.nfe}")
-        if args.num_samples is not None and args.num_samples <= 0:
-            raise CLIError(f"--num_samples must be positive, got {args.num_samples}")
         if args.seed is not None:
             config.seed = args.seed
-        workdir = args.workdir or f"runs/{args.config.replace('/', '_').removesuffix('.py')}"
+        from sde_lib import get_sde
+        from validation import validate_run
+
+        validate_run(config, args, workdir, get_sde)  # flags, config, memory, output folders: before any work
         runner = load_runner(args.mode)
         code = runner(config, workdir, args)
     except (CLIError, UserError) as error:

@@ -20,8 +20,53 @@ def available_configs() -> list[str]:
     return sorted(n for n in names if n not in _NOT_CONFIGS and not n.startswith("_"))
 
 
+def _tuples(tree):
+    """JSON lists back to the tuples the configs use (e.g. model.ch_mult)."""
+    if isinstance(tree, dict):
+        return {key: _tuples(value) for key, value in tree.items()}
+    return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
+
+
+def _merge(base: dict, saved: dict) -> dict:
+    merged = dict(base)
+    for key, value in saved.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def config_from_json(text: str, source: str = "config") -> ml_collections.ConfigDict:
+    """A config saved as JSON text on top of the shared defaults (keys added to the toolkit since it was saved
+    get their default values)."""
+    import json
+
+    from configs.default import get_default_config
+
+    try:
+        saved = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"{source} is not valid JSON: {str(error).splitlines()[0][:200]}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source} is not a JSON object of config sections")
+    return ml_collections.ConfigDict(_merge(get_default_config().to_dict(), _tuples(saved)))
+
+
+def load_json_config(path: str) -> ml_collections.ConfigDict:
+    """A config saved as a JSON file (a run's `config.json`); see `config_from_json`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config {path!r}: {str(error).splitlines()[0][:200]}") from None
+    return config_from_json(text, f"config {path!r}")
+
+
 def get_config(name_or_path: str) -> ml_collections.ConfigDict:
-    """Load a named config (e.g. "vp_toy") or a config file path defining `get_config()`."""
+    """Load a named config (e.g. "vp_toy"), a config file path defining `get_config()`, or a JSON config (a run's
+    `config.json`)."""
+    if name_or_path.endswith(".json"):
+        if not os.path.isfile(name_or_path):
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return load_json_config(name_or_path)
     if name_or_path.endswith(".py") or os.sep in name_or_path:
         if not os.path.isfile(name_or_path):
             raise ConfigError(f"config file {name_or_path!r} does not exist")
@@ -38,4 +83,4 @@ def get_config(name_or_path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-__all__ = ["available_configs", "get_config", "apply_overrides", "ConfigError"]
+__all__ = ["available_configs", "get_config", "load_json_config", "config_from_json", "apply_overrides", "ConfigError"]

@@ -13,6 +13,14 @@ class ConfigError(UserError):
 
 
 def _parse(text: str, current, key: str):
+    if current is None:  # an optional setting (None = the default of whatever uses it): a number or a string
+        if text.lower() in ("none", "null"):
+            return None
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered in ("true", "1", "yes"):

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import torch
 
+from atomic_io import save_figure
 from errors import UserError
 
 
@@ -61,7 +62,7 @@ def save_scatter(path: str, samples, reference=None, title: str = "", max_points
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _prepare_path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -86,10 +87,38 @@ def make_grid(images, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_image_grid(path: str, images, nrow: int | None = None) -> str:
-    """Save (N, C, H, W) images (uint8, or float in [0, 1]) as one PNG grid with `nrow` images per row."""
+def upscale_nearest(grid: np.ndarray, min_width: int) -> np.ndarray:
+    """Repeat every pixel k x k (nearest neighbour, k the smallest integer giving >= min_width columns)."""
+    factor = max(1, int(math.ceil(min_width / grid.shape[1])))
+    return grid if factor == 1 else np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
+def save_image_grid(path: str, images, nrow: int | None = None, title: str = "", min_width: int = 256,
+                    col_labels: list[str] | None = None) -> str:
+    """Save (N, C, H, W) images (uint8, or float in [0, 1]) as a PNG grid with `nrow` images per row.
+
+    Small images are upscaled (nearest neighbour, whole pixels) until the grid is at least `min_width` pixels
+    wide; `title` goes above the grid, `col_labels` (one per column) above the columns.
+    """
     plt = _pyplot()
     grid = make_grid(images, nrow)
+    columns = nrow or int(math.ceil(math.sqrt(_as_numpy(images).shape[0])))
+    grid = upscale_nearest(grid, min_width)
+    height, width = grid.shape[:2]
+    dpi = 100
+    lines = (1 if title else 0) + (1 if col_labels else 0)
+    band = 18 * lines + (6 if lines else 0)  # pixels of text above the grid
+    fig = plt.figure(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
+    ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + band)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        fig.text(0.5, 1.0 - 4 / (height + band), title, ha="center", va="top", fontsize=9)
+    if col_labels:
+        for k, label in enumerate(col_labels[:columns]):
+            fig.text((k + 0.5) / columns, height / (height + band) + 2 / (height + band), label, ha="center",
+                     va="bottom", fontsize=8)
     _prepare_path(path)
-    plt.imsave(path, grid)
+    save_figure(fig, path, dpi=dpi)
+    plt.close(fig)
     return path

@@ -76,6 +76,7 @@ def dequantize(images: torch.Tensor, generator: torch.Generator | None = None,
     return (images.to(dtype) + u) / NUM_LEVELS
 
 
+@torch.no_grad()
 def bits_per_dim(sde: SDE, score_fn: ScoreFn, images, data_scale: tuple[float, float] = (2.0, -1.0),
                  num_dequant: int = 1, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32, device=None,

@@ -81,6 +81,7 @@ def _drift_and_divergence(sde: SDE, score: CountingScore, divergence: str, probe
     return fn
 
 
+@torch.no_grad()  # the divergence's VJP is enabled locally in `fn`, nothing else keeps a graph
 def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e-5, method: str = "dopri5",
                    rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "hutchinson_gaussian",
                    n_probes: int = 1, generator: torch.Generator | None = None,

@@ -20,6 +20,7 @@ def available_solvers() -> list[str]:
     return sorted(SAMPLERS)
 
 
+@torch.no_grad()
 def sample(sde, score_fn, shape, solver: str = "em", nfe: int | None = None, eps: float = 1e-3,
            x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
            compile: bool = False, cuda_graph: bool = False, **options):

@@ -13,15 +13,16 @@ NCSN_SNR = math.sqrt(0.2) / 2.0
 
 
 @register("ald")
-def ald_sample(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, n_steps: int = 2,
-               step_eps: float | None = None, noise_removal: bool = True, denoise: bool = True,
+def ald_sample(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, corrector_steps: int = 2,
+               step_size: float | None = None, noise_removal: bool = True, denoise: bool = True,
                device=None, dtype=None):
-    """n_steps Langevin steps at each of L noise levels sigma(t), t = T..eps, step eps sigma_i^2 / sigma_L^2.
+    """corrector_steps Langevin steps at each of L noise levels sigma(t), t = T..eps, step step_size sigma_i^2 / sigma_L^2.
 
-    The budget buys L = (nfe - denoise) // n_steps levels; `denoise` adds the final Tweedie step (NCSNv2).
+    The budget buys L = (nfe - denoise) // corrector_steps levels; `denoise` adds the final Tweedie step (NCSNv2).
     Returns (samples, nfe_used).
     """
     require_sde(sde, VE_ONLY, "ald")
     return pc_sample(sde, score_fn, shape, nfe=nfe, eps=eps, x_T=x_T, generator=generator, predictor="none",
-                     corrector="ald", snr=NCSN_SNR, n_steps=n_steps, step_eps=step_eps, noise_removal=noise_removal,
+                     corrector="ald", snr=NCSN_SNR, corrector_steps=corrector_steps, step_size=step_size,
+                     noise_removal=noise_removal,
                      denoise=denoise, device=device, dtype=dtype, name="ald")

@@ -14,20 +14,20 @@ Noise = Callable[[], torch.Tensor]
 class Corrector:
     """Base class: `update(x, t, noise) -> (x, x_mean)` with `nfe_per_step` score evaluations."""
 
-    def __init__(self, sde: SDE, score_fn: Callable, n_steps: int = 1, snr: float = 0.16,
-                 t_min: float = 1e-3, step_eps: float | None = None):
-        if int(n_steps) < 1:
-            raise UserError(f"corrector n_steps must be >= 1, got {n_steps}")
+    def __init__(self, sde: SDE, score_fn: Callable, corrector_steps: int = 1, snr: float = 0.16,
+                 t_min: float = 1e-3, step_size: float | None = None):
+        if int(corrector_steps) < 1:
+            raise UserError(f"corrector_steps (config sampling.n_steps_each) must be >= 1, got {corrector_steps}")
         self.sde = sde
         self.score_fn = score_fn
-        self.n_steps = int(n_steps)
+        self.corrector_steps = int(corrector_steps)
         self.snr = float(snr)
         self.t_min = float(t_min)
-        self.step_eps = step_eps
+        self.step_size = step_size
 
     @property
     def nfe_per_step(self) -> int:
-        return self.n_steps
+        return self.corrector_steps
 
     def _alpha(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """alpha_i of Song et al. 2021 alg. 4/5: 1 - beta_i of the SDE's own chain for VP and sub-VP, 1 for VE."""
@@ -52,14 +52,14 @@ class LangevinCorrector(Corrector):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.step_eps is not None:
-            raise UserError("step_eps applies to the 'ald' corrector only; the Langevin corrector's step is set by snr")
+        if self.step_size is not None:
+            raise UserError("step_size applies to the 'ald' corrector only; the Langevin corrector's step is set by snr")
 
     def update(self, x, t, noise):
         tt = batch_time(t, x)
         alpha = self._alpha(x, tt)
         x_mean = x
-        for _ in range(self.n_steps):
+        for _ in range(self.corrector_steps):
             grad = self.score_fn(x, tt)
             z = noise()
             ratio = _per_sample_norm(z).mean() / _per_sample_norm(grad).mean()
@@ -75,26 +75,25 @@ class AnnealedLangevinCorrector(Corrector):
     x_mean = x + step s(x, t), x = x_mean + sqrt(2 step) z, with sigma(t) the marginal std and alpha_i as in the
     Langevin corrector (1 - beta_i for VP / sub-VP, 1 for VE). This is Song & Ermon's (2019, alg. 1) step
     alpha_SE = eps sigma_i^2 / sigma_L^2 with x + alpha_SE / 2 s + sqrt(alpha_SE) z, for
-    snr = sqrt(eps) / (2 sigma_L): `step_eps`, when given, sets snr that way (sigma_L = sigma(t_min)), so NCSN's
-    parameterization and the reference's are one corrector (for VP, alpha_i multiplies both).
+    snr = sqrt(eps) / (2 sigma_L): `step_size` (their eps), when given, sets snr that way (sigma_L = sigma(t_min)),
+    so NCSN's parameterization and the reference's are one corrector (for VP, alpha_i multiplies both).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.step_eps is not None:
-            if self.step_eps <= 0:
-                raise UserError(f"annealed Langevin step_eps must be positive, got {self.step_eps}")
+        if self.step_size is not None:
+            if self.step_size <= 0:
+                raise UserError(f"annealed Langevin step_size must be positive, got {self.step_size}")
             sigma_min = float(self.sde.marginal_std(torch.tensor(self.t_min, dtype=torch.float64)))
-            self.snr = self.step_eps ** 0.5 / (2.0 * sigma_min)
+            self.snr = float(self.step_size) ** 0.5 / (2.0 * sigma_min)
         if self.snr <= 0:
             raise UserError(f"annealed Langevin snr must be positive, got {self.snr}")
 
     def update(self, x, t, noise):
         tt = batch_time(t, x)
-        step = 2.0 * self._alpha(x, tt) * (self.snr * self.sde.marginal_std(tt)) ** 2
-        step = broadcast_to(step, x)
+        step = broadcast_to(2.0 * self._alpha(x, tt) * (self.snr * self.sde.marginal_std(tt)) ** 2, x)
         x_mean = x
-        for _ in range(self.n_steps):
+        for _ in range(self.corrector_steps):
             x_mean = x + step * self.score_fn(x, tt)
             x = x_mean + torch.sqrt(2.0 * step) * noise()
         return x, x_mean

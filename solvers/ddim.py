@@ -38,7 +38,7 @@ def ddim_coefficients(sde, t_from: torch.Tensor, t_to: torch.Tensor, eta: float)
 
 
 @register("ddim")
-def ddim_sampler(sde, score_fn, shape, *, nfe, eps, x_T, generator, eta: float = 0.0,
+def ddim_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, eta: float = 0.0,
                  schedule: str = "uniform", device=None, dtype=None):
     """DDIM with `eta` (0: deterministic, 1: DDPM posterior variance) over `nfe` steps of the named schedule."""
     require_sde(sde, VP_FAMILY, "ddim")

@@ -204,7 +204,8 @@ def _dpm(sde, score_fn, shape, nfe, eps, x_T, generator, name, order, multistep,
 
 
 def _make(name: str, order: int, multistep: bool, data: bool):
-    def sampler(sde, score_fn, shape, *, nfe, eps, x_T, generator, schedule: str = "logsnr", device=None, dtype=None):
+    def sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, schedule: str = "logsnr",
+                device=None, dtype=None):
         return _dpm(sde, score_fn, shape, nfe, eps, x_T, generator, name, order, multistep, data, schedule,
                     device, dtype)
     if data:

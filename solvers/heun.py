@@ -59,7 +59,8 @@ def _time_space(sde, score_fn, x, grid, last_heun):
 
 
 @register("heun")
-def heun_sampler(sde, score_fn, shape, *, nfe, eps, x_T, generator, schedule: str = "karras", rho: float = 7.0,
+def heun_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, schedule: str = "karras",
+                 rho: float = 7.0,
                  variable: str = "sigma", device=None, dtype=None):
     """Deterministic Heun sampler of the PF-ODE using exactly `nfe` score evaluations."""
     budget = check_budget(nfe, 35, "heun")

@@ -41,9 +41,10 @@ def check_mask(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return mask.expand_as(x0)
 
 
+@torch.no_grad()
 def inpaint(sde: SDE, score_fn, x0: torch.Tensor, mask: torch.Tensor, *, nfe: int | None = None,
             eps: float = 1e-3, generator: torch.Generator | None = None, predictor: str = "reverse_diffusion",
-            corrector: str = "langevin", snr: float = 0.16, n_steps: int = 1, x_T: torch.Tensor | None = None,
+            corrector: str = "langevin", snr: float = 0.16, corrector_steps: int = 1, x_T: torch.Tensor | None = None,
             noise_removal: bool = True) -> tuple[torch.Tensor, int]:
     """Fill the coordinates where mask = 0 given x0 where mask = 1; returns (samples, nfe_used).
 
@@ -53,7 +54,7 @@ def inpaint(sde: SDE, score_fn, x0: torch.Tensor, mask: torch.Tensor, *, nfe: in
     check_choice(corrector, CORRECTORS, "corrector")
     mask = check_mask(mask, x0)
     counter = CountingScore(score_fn)
-    corr = CORRECTORS[corrector](sde, counter, n_steps=n_steps, snr=snr, t_min=eps)
+    corr = CORRECTORS[corrector](sde, counter, corrector_steps=corrector_steps, snr=snr, t_min=eps)
     cost = PREDICTORS[predictor].nfe_per_step + corr.nfe_per_step
     if cost == 0:
         raise UserError("inpaint: predictor 'none' with corrector 'none' does nothing")
@@ -104,6 +105,7 @@ def couple(y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ji,bjhw->bihw", gray_color_basis(y.dtype, y.device), y)
 
 
+@torch.no_grad()
 def colorize(sde: SDE, score_fn, gray: torch.Tensor, **inpaint_options) -> tuple[torch.Tensor, int]:
     """RGB images whose gray channel (R+G+B)/3 equals `gray` (batch, 1 or 3, H, W, model space); (samples, nfe)."""
     if gray.ndim != 4 or gray.shape[1] not in (1, 3):

@@ -31,6 +31,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Ten
     return w0 * z0[None] + w1 * z1[None]
 
 
+@torch.no_grad()
 def interpolate(sde, score_fn, x_a: torch.Tensor, x_b: torch.Tensor, num_frames: int = 8, eps: float = 1e-3,
                 **ode_options) -> tuple[torch.Tensor, int]:
     """Encode x_a, x_b (batch, ...) with the PF-ODE, slerp the latents, decode; returns (frames, nfe_used).

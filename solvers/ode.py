@@ -11,6 +11,7 @@ import torch
 from scipy import integrate
 from torchdiffeq import odeint
 
+from errors import UserError
 from sde_lib import SDE, batch_time
 from solvers.common import CountingScore, check_budget, check_choice, initial_state, steps_for_budget
 from solvers.registry import register
@@ -19,6 +20,23 @@ from solvers.registry import register
 FIXED_STEP_COST = {"euler": 1, "midpoint": 2, "rk4": 4}
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 SCIPY_METHODS = ("RK45", "RK23", "DOP853")  # explicit: every function call is one score evaluation
+
+
+class CappedScore(CountingScore):
+    """Counts score evaluations and stops an adaptive solve that would exceed `cap` (None: no cap)."""
+
+    def __init__(self, score_fn, cap: int | None, method: str, rtol: float, atol: float):
+        super().__init__(score_fn)
+        self.cap = None if cap is None else check_budget(cap, 1, f"ode ({method})")
+        self.method, self.rtol, self.atol = method, rtol, atol
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.cap is not None and self.calls >= self.cap:
+            raise UserError(f"ode ({self.method}): more than nfe={self.cap} score evaluations needed at "
+                            f"rtol={self.rtol:g}, atol={self.atol:g}; raise nfe (config sampling.nfe), loosen "
+                            "sampling.rtol / sampling.atol" + (", or use a fixed-step sampling.method (euler, midpoint, "
+                                                               "rk4)" if self.method in ADAPTIVE_METHODS else ""))
+        return super().__call__(x, t)
 
 
 def pf_ode_drift(sde: SDE, score_fn):
@@ -34,10 +52,11 @@ def solve_pf_ode(sde: SDE, score_fn, x: torch.Tensor, t_start: float, t_end: flo
                  rtol: float = 1e-5, atol: float = 1e-5, nfe: int | None = None) -> tuple[torch.Tensor, int]:
     """Integrate the PF-ODE from t_start to t_end with torchdiffeq; returns (x(t_end), score evaluations).
 
-    Fixed-step methods take n = nfe // cost steps (default n = sde.N); adaptive ones use rtol/atol and ignore nfe.
+    Fixed-step methods take n = nfe // cost steps (default n = sde.N); adaptive ones use rtol/atol, and `nfe`,
+    when given, caps their score evaluations (a UserError when the tolerance needs more).
     """
     check_choice(method, tuple(FIXED_STEP_COST) + ADAPTIVE_METHODS, "ODE method")
-    counter = CountingScore(score_fn)
+    counter = CappedScore(score_fn, None if method in FIXED_STEP_COST else nfe, method, rtol, atol)
     velocity = pf_ode_drift(sde, counter)
     # Integrate in tau = |t - t_start| (forward for torchdiffeq in both directions) and make adaptive methods
     # land exactly on the end (`step_t`): their stages then never leave [eps, T], where the SDE is defined.
@@ -58,11 +77,13 @@ def solve_pf_ode(sde: SDE, score_fn, x: torch.Tensor, t_start: float, t_end: flo
     return solution[-1], counter.calls
 
 
+@torch.no_grad()
 def encode(sde: SDE, score_fn, x: torch.Tensor, eps: float = 1e-3, **solver_options) -> tuple[torch.Tensor, int]:
     """Map data x (at t = eps) to latents at t = T along the PF-ODE; returns (z, nfe_used)."""
     return solve_pf_ode(sde, score_fn, x, eps, sde.T, **solver_options)
 
 
+@torch.no_grad()
 def decode(sde: SDE, score_fn, z: torch.Tensor, eps: float = 1e-3, **solver_options) -> tuple[torch.Tensor, int]:
     """Map latents z (at t = T) back to data at t = eps along the PF-ODE; returns (x, nfe_used)."""
     return solve_pf_ode(sde, score_fn, z, sde.T, eps, **solver_options)
@@ -92,13 +113,13 @@ for _method in FIXED_STEP_COST:
 @register("ode_scipy")
 def ode_scipy_sample(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None, method: str = "RK45",
                      rtol: float = 1e-5, atol: float = 1e-5, device=None, dtype=None):
-    """PF-ODE through scipy.integrate.solve_ivp (RK45, rtol = atol = 1e-5 as in the paper); nfe is not used.
+    """PF-ODE through scipy.integrate.solve_ivp (RK45, rtol = atol = 1e-5 as in the paper); `nfe` caps its evaluations.
 
     The state crosses to the host at every evaluation (scipy works on NumPy arrays); returns (samples, nfe_used).
     """
     check_choice(method, SCIPY_METHODS, "scipy ODE method")
     x = initial_state(sde, shape, x_T, generator, device, dtype)
-    counter = CountingScore(score_fn)
+    counter = CappedScore(score_fn, nfe, method, rtol, atol)
     velocity = pf_ode_drift(sde, counter)
 
     def fun(t: float, y: np.ndarray) -> np.ndarray:

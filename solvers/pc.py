@@ -11,19 +11,21 @@ from solvers.predictors import PREDICTORS
 from solvers.registry import register
 
 
+@torch.no_grad()
 def pc_sample(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, generator=None,
               predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
-              n_steps: int = 1, step_eps: float | None = None, noise_removal: bool = True,
+              corrector_steps: int = 1, step_size: float | None = None, noise_removal: bool = True,
               denoise: bool = False, device=None, dtype=None, name: str = "pc"):
     """Any predictor x any corrector; returns (samples, nfe_used).
 
-    The budget `nfe` buys n steps of (predictor + n_steps corrector evaluations), plus one evaluation for the
+    The budget `nfe` buys n steps of (predictor + corrector_steps corrector evaluations), plus one evaluation for the
     optional final Tweedie denoising at t = eps (`denoise`). `noise_removal` drops the noise of the last step.
     """
     check_choice(predictor, PREDICTORS, "predictor")
     check_choice(corrector, CORRECTORS, "corrector")
     counter = CountingScore(score_fn)
-    corr = CORRECTORS[corrector](sde, counter, n_steps=n_steps, snr=snr, t_min=eps, step_eps=step_eps)
+    corr = CORRECTORS[corrector](sde, counter, corrector_steps=corrector_steps, snr=snr, t_min=eps,
+                                   step_size=step_size)
     cost = PREDICTORS[predictor].nfe_per_step + corr.nfe_per_step
     if cost == 0:
         raise UserError(f"{name}: predictor 'none' with corrector 'none' does nothing")

@@ -522,8 +522,24 @@ def test_bad_eps_and_exhausted_adaptive_budget():
     score_fn = toy_mixture("ring2d").score_fn(sde)
     with pytest.raises(UserError, match="eps"):
         solvers.sample(sde, score_fn, (4, 2), solver="dpm2", nfe=10, eps=0.0)
-    with pytest.raises(UserError, match="ran out"):
-        solvers.sample(sde, score_fn, (4, 2), solver="adaptive", nfe=6, rtol=1e-4)
+    with pytest.raises(UserError, match="at least 2"):
+        solvers.sample(sde, score_fn, (4, 2), solver="adaptive", nfe=1)
+
+
+@pytest.mark.parametrize("cap", [2, 5, 6, 50])
+def test_adaptive_cap_is_never_exceeded(cap):
+    """A cap too small for the tolerance still returns finite samples: the last affordable trial covers the rest
+    of [eps, T] (accepted whatever its error); a cap above what the tolerance needs changes nothing."""
+    sde = VPSDE()
+    score_fn = lambda x, t: -x  # noqa: E731  (the exact score of N(0, I), stationary under VP)
+    x, used = solvers.sample(sde, score_fn, (2000, 2), solver="adaptive", nfe=cap, rtol=1e-4,
+                             generator=torch.Generator().manual_seed(0))
+    assert used == 2 * (cap // 2) and torch.isfinite(x).all()
+    free, free_used = solvers.sample(sde, score_fn, (2000, 2), solver="adaptive", rtol=1e-2,
+                                     generator=torch.Generator().manual_seed(0))
+    capped, capped_used = solvers.sample(sde, score_fn, (2000, 2), solver="adaptive", nfe=free_used + 4, rtol=1e-2,
+                                         generator=torch.Generator().manual_seed(0))
+    assert capped_used == free_used and torch.equal(free, capped)
 
 
 @pytest.mark.gpu

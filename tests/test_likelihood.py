@@ -446,8 +446,9 @@ def test_runner_image_split_bits_per_dim():
         evaluate(config, VESDE(), _image_score(mixture, VESDE()), "test", 1, torch.device("cpu"), progress=False)
 
 
-def test_cli_writes_json_next_to_checkpoint(tmp_path):
-    """`main.py --mode likelihood` on a (randomly initialised) checkpoint prints bits/dim and writes the JSON."""
+def test_cli_writes_json_in_the_likelihood_folder(tmp_path):
+    """`main.py --mode likelihood` on a (randomly initialised) checkpoint prints bits/dim and writes the JSON
+    (WORKDIR/likelihood/, the name carries a hash of the non-default settings)."""
     checkpoint = pytest.importorskip("training.checkpoint")
     import json
 
@@ -464,7 +465,9 @@ def test_cli_writes_json_next_to_checkpoint(tmp_path):
     code = main.main(["--mode", "likelihood", "--config", "vp_toy", "--workdir", str(tmp_path), "--num_batches", "1",
                       "--config.likelihood.batch_size=8", "--config.device=cpu"])
     assert code == 0
-    report = json.loads((tmp_path / "checkpoints" / "likelihood_test.json").read_text())
+    (path,) = (tmp_path / "likelihood").glob("likelihood_test_h*.json")
+    report = json.loads(path.read_text())
+    assert report["settings"]["batch_size"] == 8 and report["settings"]["num_batches"] == 1
     assert report["num_samples"] == 8 and report["step"] == 3 and math.isfinite(report["bits_per_dim"])
     assert main.main(["--mode", "likelihood", "--config", "vp_toy", "--workdir", str(tmp_path / "none")]) == 2
 
@@ -483,3 +486,63 @@ def test_bits_per_dim_and_scipy_path_on_cuda():
     ref, _, _ = log_likelihood(sde, _image_score(mixture, sde), x, divergence="exact", method="scipy_rk45")
     gpu, _, _ = log_likelihood(sde, _image_score(mixture, sde), x.cuda(), divergence="exact", method="scipy_rk45")
     torch.testing.assert_close(gpu.cpu(), ref, rtol=1e-6, atol=1e-5)
+
+
+# --- discrete models under the reference's likelihood protocol ------------------------------------------
+
+def _tiny_discrete_vp_ddpm():
+    """The published discrete DDPM config shrunk to 8x8 images, with random (non-zero) float64 weights."""
+    import configs
+    import models
+
+    config = configs.get_config("ssde_vp_cifar10_ddpm")
+    config.data.image_size = 8
+    config.model.update(dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0))
+    torch.manual_seed(0)
+    model = models.create_model(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return config, model
+
+
+def _pf_ode_jumps(config, model, steps, delta=1e-7):
+    """max |drift(t_i + delta) - drift(t_i - delta)| of the PF-ODE at DDPM grid times t_i = i / 999."""
+    from evaluation.likelihood_runner import likelihood_score_fns
+    from sde_lib import get_sde
+
+    sde = get_sde(config)
+    score_fn, _ = likelihood_score_fns(config, sde, model)
+    ode = sde.reverse(score_fn, probability_flow=True)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    jumps = []
+    with torch.no_grad():
+        for i in steps:
+            t = i / 999
+            below, _ = ode.sde(x, torch.full((2,), t - delta, dtype=torch.float64))
+            above, _ = ode.sde(x, torch.full((2,), t + delta, dtype=torch.float64))
+            jumps.append(float((above - below).abs().max() / above.abs().max()))
+    return jumps
+
+
+def test_discrete_vp_model_has_a_continuous_pf_ode_drift_by_default():
+    """The reference evaluates every model's likelihood as a continuous-time score: a discrete DDPM network gets
+    999 t and the marginal std, so the PF-ODE drift has no jump at the 1,000 grid points; the step-wise score
+    (likelihood.continuous_score=false) jumps there by the change of DDPM's std between steps."""
+    from evaluation.likelihood_runner import likelihood_continuous
+
+    config, model = _tiny_discrete_vp_ddpm()
+    assert not config.training.continuous and likelihood_continuous(config)
+    steps = [1, 2, 10, 100, 500]
+    # continuous in t: the difference across t_i shrinks with the gap (linearly: 100x smaller gap, ~100x smaller
+    # difference; the drift's t-derivative is large near t = 0, where the std goes as sqrt(t))
+    wide, narrow = _pf_ode_jumps(config, model, steps, 1e-7), _pf_ode_jumps(config, model, steps, 1e-9)
+    assert all(n < w / 30 for n, w in zip(narrow, wide)), (wide, narrow)
+    assert max(narrow) < 1e-5
+    config.likelihood.continuous_score = False
+    assert not likelihood_continuous(config)
+    wide, narrow = _pf_ode_jumps(config, model, steps, 1e-7), _pf_ode_jumps(config, model, steps, 1e-9)
+    # the step-wise score jumps by the change of DDPM's std between steps, whatever the gap
+    # (relative drift change ~ sqrt(1 - abar_i) / sqrt(1 - abar_{i-1}) - 1: 0.5 at i = 1, 2.6e-4 at i = 500)
+    assert min(narrow) > 1e-4 and narrow[0] > 0.3, narrow
+    assert all(n > w / 2 for n, w in zip(narrow, wide)), (wide, narrow)

@@ -83,7 +83,7 @@ def test_error_falls_with_nfe_to_noise_floor_ring2d(solver, ring):
 
 SWEEP = (10, 20, 50, 100, 250, 1000)
 # |gap| allowed at the largest budget, set from measurement (n = 2000: standard error ~0.016 on ring2d, ~0.14 on
-# mix64). ALD keeps a bias in 64-D at 1000 NFE (gap ~3 at n_steps=2; 0.93 at 4000 NFE): it gets 4000 and 1.5.
+# mix64). ALD keeps a bias in 64-D at 1000 NFE (gap ~3 at corrector_steps=2; 0.93 at 4000 NFE): it gets 4000 and 1.5.
 SWEEP_GAP_TOL = {"ring2d": 0.12, "mix64": 0.5}
 SWEEP_EXTRA = {("ald", "mix64"): ((4000,), 1.5)}
 
@@ -162,7 +162,7 @@ def test_ald_on_discrete_ve():
     """ALD (NCSN) with a VE SDE of 10 discrete noise levels' geometric range recovers the ring's modes."""
     mixture = toy_mixture("ring2d")
     sde = VESDE(0.01, 20.0, N=10)
-    x, used = draw("ald", sde, mixture.score_fn(sde), 2000, 2, 600, n_steps=3)
+    x, used = draw("ald", sde, mixture.score_fn(sde), 2000, 2, 600, corrector_steps=3)
     assert used == 199 * 3 + 1  # 199 levels x 3 steps + final denoising
     radius = x.norm(dim=1)
     assert abs(radius.mean().item() - 2.0) < 0.05
@@ -223,7 +223,7 @@ def test_langevin_corrector_step_size_follows_snr():
     """Alg. 4 (VE): step = 2 (snr ||z|| / ||s||)^2 with batch-mean norms, x <- x + step s + sqrt(2 step) z."""
     g = torch.Generator().manual_seed(2)
     x, s, z = (torch.randn(32, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    corrector = CORRECTORS["langevin"](VESDE(), lambda y, t: s, n_steps=1, snr=0.16)
+    corrector = CORRECTORS["langevin"](VESDE(), lambda y, t: s, corrector_steps=1, snr=0.16)
     out, mean = corrector.update(x, torch.tensor(0.3), lambda: z)
     step = 2 * (0.16 * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
     assert torch.allclose(mean, x + step * s) and torch.allclose(out, mean + torch.sqrt(2 * step) * z)
@@ -237,7 +237,7 @@ def test_ald_corrector_step_is_the_reference_formula():
     t = 0.37
     for sde in (VESDE(), VPSDE()):
         for snr in (0.1, 0.3):
-            corrector = CORRECTORS["ald"](sde, lambda y, tt: s, n_steps=1, snr=snr)
+            corrector = CORRECTORS["ald"](sde, lambda y, tt: s, corrector_steps=1, snr=snr)
             out, mean = corrector.update(x, torch.tensor(t, dtype=torch.float64), lambda: z)
             sigma = sde.marginal_std(torch.tensor(t, dtype=torch.float64))
             if isinstance(sde, VPSDE):
@@ -261,7 +261,7 @@ def test_ald_corrector_stationary_variance_follows_snr(snr):
     v = 0.01 + sigma2
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, 1, generator=g, dtype=torch.float64) * math.sqrt(v)
-    corrector = CORRECTORS["ald"](sde, target.score_fn(sde), n_steps=60, snr=snr)
+    corrector = CORRECTORS["ald"](sde, target.score_fn(sde), corrector_steps=60, snr=snr)
     out, _ = corrector.update(x, torch.tensor(t, dtype=torch.float64),
                               lambda: torch.randn(n, 1, generator=g, dtype=torch.float64))
     h = 2 * snr ** 2 * sigma2
@@ -270,16 +270,17 @@ def test_ald_corrector_stationary_variance_follows_snr(snr):
 
 
 def test_ncsn_ald_sampler_is_song_and_ermon_step():
-    """The `ald` sampler's default is NCSN's step eps = 0.2 sigma_L^2, and a given step_eps is honoured."""
+    """The `ald` sampler's default is NCSN's step eps = 0.2 sigma_L^2, and a given step_size (eps) is honoured."""
     sde = VESDE(0.01, 20.0)
     g = torch.Generator().manual_seed(4)
     x, s, z = (torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3))
-    for step_eps in (2e-5, 1e-4):
-        corrector = CORRECTORS["ald"](sde, lambda y, tt: s, n_steps=1, snr=0.16, step_eps=step_eps, t_min=EPS)
+    for step_size in (2e-5, 1e-4):
+        corrector = CORRECTORS["ald"](sde, lambda y, tt: s, corrector_steps=1, snr=0.16, step_size=step_size,
+                                      t_min=EPS)
         t = torch.tensor(0.6, dtype=torch.float64)
         out, mean = corrector.update(x, t, lambda: z)
         sigma, sigma_l = sde.marginal_std(t), sde.marginal_std(torch.tensor(EPS, dtype=torch.float64))
-        alpha = step_eps * sigma ** 2 / sigma_l ** 2  # Song & Ermon 2019, alg. 1
+        alpha = step_size * sigma ** 2 / sigma_l ** 2  # Song & Ermon 2019, alg. 1
         assert torch.allclose(mean, x + alpha / 2 * s) and torch.allclose(out, mean + alpha.sqrt() * z)
     from solvers.ald import NCSN_SNR
     assert math.isclose(NCSN_SNR, math.sqrt(0.2 * 0.01 ** 2) / (2 * 0.01))
@@ -375,7 +376,7 @@ def test_budget_maps_to_steps(solver, nfe, expected):
 def test_pc_budget_with_corrector_steps_and_denoising():
     mixture, sde = toy_mixture("ring2d"), VESDE(0.01, 20.0)
     counter = CountingScore(mixture.score_fn(sde))
-    _, used = draw("pc", sde, counter, 4, 2, 100, predictor="reverse_diffusion", corrector="ald", n_steps=2,
+    _, used = draw("pc", sde, counter, 4, 2, 100, predictor="reverse_diffusion", corrector="ald", corrector_steps=2,
                    denoise=True)
     assert used == counter.calls == 33 * 3 + 1
 
@@ -436,7 +437,7 @@ def _ring_vp():
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="sde_srk", nfe=5), "too small"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="ancestral", nfe=10), "beta = 2 >= 1"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="em", x_T=torch.zeros(3, 2)), "x_T has shape"),
-    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", step_eps=1e-4), "step_eps applies to the 'ald'"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", step_size=1e-4), "step_size applies to the 'ald'"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", corrector="ald", snr=0.0), "snr must be positive"),
 ])
 def test_clear_user_errors(call, match):
@@ -454,3 +455,17 @@ def test_unknown_solver_option_is_a_clear_error():
     sde = VPSDE()
     with pytest.raises(UserError, match=r"solver 'ddim' has no option 'snr'; its options: eta, schedule"):
         sample(sde, toy_mixture("ring2d").score_fn(sde), (4, 2), solver="ddim", nfe=5, snr=0.1)
+
+
+@pytest.mark.parametrize("solver", ["ode", "ode_scipy"])
+def test_nfe_caps_the_adaptive_ode_solvers(solver):
+    """`nfe` is a budget for every solver: an adaptive ODE that needs more refuses in one line naming the keys."""
+    mixture, sde = toy_mixture("ring2d"), VPSDE()
+    score = mixture.score_fn(sde)
+    _, needed = solvers.sample(sde, score, (64, 2), solver=solver, generator=torch.Generator().manual_seed(0))
+    _, used = solvers.sample(sde, score, (64, 2), solver=solver, nfe=needed,
+                             generator=torch.Generator().manual_seed(0))
+    assert used == needed
+    with pytest.raises(UserError, match=r"more than nfe=\d+ .*sampling\.rtol") as error:
+        solvers.sample(sde, score, (64, 2), solver=solver, nfe=needed - 1, generator=torch.Generator().manual_seed(0))
+    assert len(str(error.value).splitlines()) == 1

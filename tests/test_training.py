@@ -155,11 +155,10 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = checkpoint_path(str(tmp_path))
     before = open(path, "rb").read()
 
-    def failing_save(obj, handle):
-        handle.write(b"half a checkpoint")
+    def failing_fsync(fd):  # the data went to the temp file, the disk is full when it is committed
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    monkeypatch.setattr(ckpt_mod.os, "fsync", failing_fsync)
     with pytest.raises(UserError, match="no space left on device"):
         save_checkpoint(path, {"anything": 1})
     assert open(path, "rb").read() == before
@@ -211,14 +210,8 @@ def test_cli_train_writes_outputs_and_reports_errors_in_one_line(tmp_path, capsy
 
 
 def sliced_w2(x, y, n_projections=256):
-    try:
-        from evaluation.metrics import sliced_wasserstein
-    except ImportError:  # local fallback with the same definition
-        def sliced_wasserstein(a, b, n_projections, generator):
-            d = torch.randn(a.shape[1], n_projections, generator=generator, dtype=torch.float64)
-            d = d / d.norm(dim=0)
-            pa, pb = torch.sort(a.double() @ d, 0).values, torch.sort(b.double() @ d, 0).values
-            return float(((pa - pb) ** 2).mean().sqrt())
+    from evaluation.metrics import sliced_wasserstein
+
     return sliced_wasserstein(x, y, n_projections=n_projections, generator=torch.Generator().manual_seed(0))
 
 
@@ -294,8 +287,14 @@ def test_image_run_writes_a_sample_grid(tmp_path):
     config.training.plot_samples, config.training.progress = 4, False
     config.sampling.nfe = 3
     config.device = "cpu"
-    result = train(config, str(tmp_path))
-    assert result.step == 2 and result.samples_path and os.path.isfile(result.samples_path)
+    from evaluation.train_runner import build_callbacks
+
+    callbacks = build_callbacks(config, progress=False)
+    result = train(config, str(tmp_path), callbacks=callbacks)
+    assert result.step == 2 and callbacks[0].path and os.path.isfile(callbacks[0].path)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(callbacks[0].path).shape[1] >= 256
 
 
 OBJECTIVES = [  # (id, config, training overrides, sde overrides, steps); SW-2 measured with config.seed 0 / 1
@@ -360,7 +359,12 @@ def test_figures(tmp_path):
     ones = make_grid(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), padding=0)
     assert (ones == 255).all()
     path = save_image_grid(str(tmp_path / "g" / "grid.png"), torch.rand(4, 3, 8, 8))
-    assert matplotlib.image.imread(path).shape[:2] == (2 * 10 + 2, 2 * 10 + 2)
+    assert matplotlib.image.imread(path).shape[:2] == (264, 264)  # 22 px upscaled x12 (nearest) to >= 256
+    titled = save_image_grid(str(tmp_path / "t.png"), torch.rand(4, 3, 8, 8), title="em NFE 10")
+    assert matplotlib.image.imread(titled).shape[1] == 264 and matplotlib.image.imread(titled).shape[0] > 264
+    images = torch.rand(2, 1, 3, 3)
+    pixels = matplotlib.image.imread(save_image_grid(str(tmp_path / "n.png"), images, nrow=2, min_width=0))
+    assert pixels.shape[:2] == (3 + 4, 2 * 5 + 2)  # min_width 0: no upscaling
     save_scatter(str(tmp_path / "s.png"), torch.randn(100, 2), reference=torch.randn(50, 2), title="t")
     assert os.path.getsize(tmp_path / "s.png") > 0
     with pytest.raises(UserError, match=r"\(N, 2\)"):
@@ -386,3 +390,68 @@ def test_cuda_image_training_bf16_channels_last(tmp_path, bf16):
     train(config, str(tmp_path / "resumed"))
     # same data, noise and weights; cuDNN/cuBLAS reductions are not bitwise deterministic, hence the tolerance
     assert_same_run(full.checkpoint, checkpoint_path(str(tmp_path / "resumed")), atol=1e-3)
+
+
+class _Recorder:
+    """A training callback that records what it saw."""
+
+    def __init__(self, every: int, sleep: float = 0.0, name: str = "calls"):
+        self.every, self.sleep, self.name, self.events = every, sleep, name, []
+
+    def __call__(self, event):
+        import time
+
+        x = torch.zeros(3, 2)
+        score = event.score_fn(x, torch.full((3,), 0.5))
+        self.events.append((event.step, event.final, torch.is_grad_enabled(), score.clone(), event.workdir))
+        time.sleep(self.sleep)
+        return {self.name: float(len(self.events))}
+
+
+def test_callbacks_run_every_k_steps_and_at_the_end_with_the_ema_weights(tmp_path):
+    import json
+
+    from models import get_score_fn
+    from sde_lib import get_sde
+
+    config = tiny_config(n_iters=12)
+    every4, final_only = _Recorder(4, sleep=0.2), _Recorder(0, name="final")
+    result = train(config, str(tmp_path), callbacks=[every4, final_only])
+    assert [(s, f) for s, f, *_ in every4.events] == [(4, False), (8, False), (12, True)]
+    assert [(s, f) for s, f, *_ in final_only.events] == [(12, True)]
+    assert not any(grad for _, _, grad, _, _ in every4.events)  # called under torch.no_grad()
+    # the score the callback saw at the end is the EMA network's, and the trained weights were restored after
+    ema_model, _ = restore_model(config, str(tmp_path), "cpu", use_ema=True)
+    sde = get_sde(config)
+    with torch.no_grad():
+        expected = get_score_fn(sde, ema_model)(torch.zeros(3, 2), torch.full((3,), 0.5))
+    torch.testing.assert_close(final_only.events[0][3], expected)
+    trained, _ = restore_model(config, str(tmp_path), "cpu", use_ema=False)
+    for a, b in zip(trained.parameters(), result.model.parameters()):
+        torch.testing.assert_close(a, b.detach().cpu())
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["metrics"] == {"calls": 3.0, "final": 1.0} == result.metrics  # the last scalars
+    assert result.callback_seconds >= 0.6 and summary["callback_seconds"] >= 0.6
+
+
+def test_tensorboard_keeps_every_logged_step_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(n_iters=12)  # log_every 3, snapshot_every 4
+    train(config, str(tmp_path), max_steps=6, callbacks=[_Recorder(3)])  # checkpoint at 6 (max_steps)
+    train(config, str(tmp_path), callbacks=[_Recorder(3)])
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 12]
+    assert [e.step for e in events.Scalars("metrics/calls")] == [3, 6, 9, 12]
+
+
+def test_training_package_never_imports_evaluation():
+    """Layering: training/ sits below evaluation/ (no import of it, not even inside a function)."""
+    import ast
+    import pathlib
+
+    for path in pathlib.Path(__file__).resolve().parents[1].joinpath("training").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "evaluation" or n.startswith("evaluation.") for n in names), path

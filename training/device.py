@@ -14,11 +14,17 @@ def get_device(config) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"config.device={name!r} but CUDA is not available on this machine")
+        raise UserError(f"device {name!r} (--device / config key device) but CUDA is not available on this "
+                        "machine; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:K") from None
+        raise UserError(f"unknown device {name!r} (--device / config key device); valid: auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r} (--device / config key device); valid: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 @contextlib.contextmanager

@@ -19,7 +19,10 @@ class TrainLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=os.path.join(workdir, "tensorboard"), purge_step=start_step or None)
+        # A resumed run continues at start_step + 1: events a crashed run logged after its last checkpoint
+        # (steps > start_step) are purged, the ones up to and including the checkpoint's step are kept.
+        self.writer = SummaryWriter(log_dir=os.path.join(workdir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
@@ -34,8 +37,16 @@ class TrainLogger:
             shown = {k: f"{values[k]:.4g}" for k in ("loss", "grad_norm") if k in values}
             rate_key = next((k for k in values if k.endswith("_per_s")), None)
             if rate_key:
-                shown[rate_key.replace("_per_s", "/s")] = f"{values[rate_key]:.0f}"
+                shown[rate_key.replace("_per_s", "/s")] = f"{values[rate_key]:.2f}"
             self.bar.set_postfix(shown, refresh=False)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        """Record the training callbacks' scalars (e.g. sw2, fid) at `step` under `metrics/`."""
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"metrics/{name}", value, step)
+        self.writer.flush()
 
     def advance(self, steps: int) -> None:
         """Move the bar forward."""

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 import models
+from atomic_io import write_json, write_text
 from models.guidance import conditional_score_fn
-from data.loaders import check_num_classes, data_shape, get_data_stream, stream_seed, step_generator
+from data.loaders import check_num_classes, get_data_stream, stream_seed, step_generator
 from errors import UserError
 from sde_lib import get_sde
 from solvers.guidance import conditional_score
@@ -28,11 +29,43 @@ from training.device import get_device
 from training.logger import TrainLogger
 from training.losses import drop_labels, get_loss_fn
 
-_SALT_LOSS, _SALT_DROPOUT, _SALT_PLOT = 0x1055, 0xD409, 0x9107
+_SALT_LOSS, _SALT_DROPOUT = 0x1055, 0xD409
 
 
 class TrainingDiverged(UserError):
-    """The loss or the gradient became NaN or infinite."""
+    """The loss, the gradient, the weights or the EMA weights became NaN or infinite."""
+
+
+def weights_finite(state: "_State") -> torch.Tensor:
+    """A device bool: every model weight and EMA shadow weight is finite (one reduction, no host sync)."""
+    tensors = [p.detach() for p in state.model.parameters()] + list(state.ema.shadow_params)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+@dataclasses.dataclass
+class TrainEvent:
+    """What a training callback sees: the run at a completed step, with the EMA weights' score function.
+
+    `score_fn` is valid only during the call (the trainer swaps the EMA weights in before the callbacks and
+    restores the trained weights after them) and is called under torch.no_grad().
+    """
+
+    step: int
+    final: bool  # step == training.n_iters
+    config: Any
+    sde: Any
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+    workdir: str
+
+
+class TrainCallback(Protocol):
+    """Runs every `every` completed steps (0: only at the final step) and at the final step of training;
+    returns scalars to log (TensorBoard at that step, `train_summary.json` under "metrics") or None."""
+
+    every: int
+
+    def __call__(self, event: TrainEvent) -> dict[str, float] | None: ...
 
 
 @dataclasses.dataclass
@@ -42,10 +75,10 @@ class TrainResult:
     step: int  # training steps completed in total
     steps_this_run: int
     loss: float  # mean loss over the last logging window (nan if none ran)
-    seconds: float
+    seconds: float  # wall time of the training steps of this call, callbacks excluded
     checkpoint: str
-    samples_path: str | None = None
-    sw2: float | None = None
+    callback_seconds: float = 0.0  # wall time spent in the callbacks
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the callbacks' last scalars
     model: nn.Module | None = dataclasses.field(default=None, repr=False)  # trained weights (not the EMA)
 
 
@@ -186,99 +219,64 @@ def _resume(state: _State, config, workdir: str, device: torch.device) -> bool:
     return True
 
 
-def _sample_figure(config, sde, state: _State, workdir: str, device: torch.device, logger: TrainLogger):
-    """Sample with the EMA weights through the solvers package and save a scatter plot / image grid."""
-    try:
-        import solvers
-    except ImportError:
-        solvers = None
-    solver = str(config.sampling.solver)
-    if solvers is None or solver not in solvers.available_solvers():
-        logger.message(f"[train] no sampler {solver!r} registered yet; skipping the sample figure")
-        return None, None
-    n = int(config.training.get("plot_samples", 2000))
-    if n <= 0:
-        return None, None
-    shape = (n, *data_shape(config))
-    generator = torch.Generator(device=device).manual_seed(stream_seed(config.seed, 0, 0, _SALT_PLOT))
+def _callback_due(callback, done: int, n_iters: int) -> bool:
+    every = int(callback.every)
+    return done == n_iters or (every > 0 and done % every == 0)
+
+
+def _run_callbacks(callbacks: Sequence[TrainCallback], config, sde, state: "_State", device: torch.device,
+                   workdir: str, n_iters: int) -> dict[str, float]:
+    """Call the due callbacks with the EMA weights swapped in (under no_grad); their scalars, merged."""
+    done = state.step
+    due = [cb for cb in callbacks if _callback_due(cb, done, n_iters)]
+    if not due:
+        return {}
     model = state.model
     state.ema.store(model)
     state.ema.copy_to(model)
     model.eval()
+    scalars: dict[str, float] = {}
     try:
         score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
-        from evaluation.sample_runner import sampler_options
-
+        event = TrainEvent(step=done, final=done == n_iters, config=config, sde=sde, score_fn=score_fn,
+                           device=device, workdir=workdir)
         with torch.no_grad():
-            samples, nfe = solvers.sample(sde, score_fn, shape, solver=solver, nfe=int(config.sampling.nfe),
-                                          eps=float(config.sampling.eps), generator=generator,
-                                          **sampler_options(config, solver))
+            for callback in due:
+                values = callback(event)
+                if values:
+                    scalars.update({str(k): float(v) for k, v in values.items()})
     finally:
         state.ema.restore(model)
         model.train()
-    samples = samples.float().cpu()
-    title = f"{config.sde.name} step {state.step}, {solver} NFE {nfe}"
-    path = os.path.join(workdir, "samples_train.png")
-    sw2 = None
-    if config.data.kind == "toy":
-        from data.toys import sample_toy
-        from evaluation.figures import save_scatter
-
-        reference = sample_toy(str(config.data.dataset), n, generator=torch.Generator().manual_seed(int(config.seed)))
-        sw2 = _sliced_w2(samples, reference)
-        if sw2 is not None:
-            title += f", SW-2 {sw2:.3f}"
-        if samples.shape[1] == 2:
-            save_scatter(path, samples, reference=reference, title=title)
-            logger.image("samples", state.step, _read_png(path))
-        else:
-            path = None
-    else:
-        from data.transforms import get_data_inverse_scaler
-        from evaluation.figures import make_grid, save_image_grid
-
-        images = get_data_inverse_scaler(config)(samples).clamp(0, 1)
-        save_image_grid(path, images)
-        logger.image("samples", state.step, make_grid(images))
-    return path, sw2
+    return scalars
 
 
-def _read_png(path: str):
-    import matplotlib.image
-
-    rgb = matplotlib.image.imread(path)[..., :3]
-    return (rgb * 255).round().astype("uint8") if rgb.dtype.kind == "f" else rgb
-
-
-def _sliced_w2(samples: torch.Tensor, reference: torch.Tensor) -> float | None:
-    try:
-        from evaluation.metrics import sliced_wasserstein
-    except ImportError:
-        return None
-    finite = torch.isfinite(samples).all(1)
-    if not bool(finite.all()):
-        return float("inf")
-    return float(sliced_wasserstein(samples.double(), reference.double(), generator=torch.Generator().manual_seed(0)))
-
-
-def train(config, workdir: str, *, max_steps: int | None = None, progress: bool | None = None) -> TrainResult:
+def train(config, workdir: str, *, max_steps: int | None = None, progress: bool | None = None,
+          callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
     """Train (or resume training of) the model config describes in `workdir`; see the module docstring.
 
     `max_steps` stops after that many steps of this call (with a checkpoint), as if the run were interrupted.
-    `progress` shows the tqdm bar (default: config.training.progress).
+    `progress` shows the tqdm bar (default: config.training.progress). `callbacks` (see `TrainCallback`) run
+    on the main process every `every` steps and at the final step, with the EMA weights; their scalars go to
+    TensorBoard and `train_summary.json`, their wall time is excluded from the training rate. Under torchrun
+    pass the same callbacks on every process (the others wait for the main one at the same steps).
     """
     if progress is None:
         progress = bool(config.training.get("progress", True))
+    for callback in callbacks:
+        if not callable(callback) or int(getattr(callback, "every", -1)) < 0:
+            raise UserError(f"training callback {callback!r} needs __call__ and an int attribute every >= 0")
     device = get_device(config)
     info = distributed.setup(device)
     try:
-        return _train(config, workdir, distributed.local_device(device, info), info, max_steps, progress)
+        return _train(config, workdir, distributed.local_device(device, info), info, max_steps, progress,
+                      tuple(callbacks))
     finally:
         distributed.cleanup(info)
 
 
 def _train(config, workdir: str, device: torch.device, info: distributed.DistInfo,
-           max_steps: int | None, progress: bool) -> TrainResult:
+           max_steps: int | None, progress: bool, callbacks: tuple = ()) -> TrainResult:
     _check_config(config, info.world_size)
     tr = config.training
     on_cuda = device.type == "cuda"
@@ -297,8 +295,7 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     ckpt = checkpoint_path(workdir)
     if info.is_main:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as handle:
-            handle.write(config_to_json(config))
+        write_text(os.path.join(workdir, "config.json"), config_to_json(config))
     if start >= end:
         if info.is_main:
             print(f"[train] {ckpt} is already at step {start} (training.n_iters={tr.n_iters}); nothing to do")
@@ -308,7 +305,6 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     train_step = TrainStep(config, sde, state, stream, device, info,
                            autocast_dtype=torch.bfloat16 if autocast_bf16 else None)
     log_every, snapshot_every = int(tr.log_every), int(tr.snapshot_every)
-    sample_every = int(tr.get("sample_every", 0) or 0)
     logger = TrainLogger(workdir, start, int(tr.n_iters), enabled=info.is_main, progress=progress)
     if resumed:
         logger.message(f"[train] resumed from {ckpt} at step {start}")
@@ -319,7 +315,8 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     window, window_start, last_good = 0, time.perf_counter(), start
     t0 = time.perf_counter()
     last_loss = math.nan
-    samples_path, sw2 = None, None
+    metrics: dict[str, float] = {}
+    callback_seconds = 0.0
     model.train()
     try:
         for step in range(start, end):
@@ -332,12 +329,16 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
             done = state.step
             log_due = done % log_every == 0 or done == end
             snapshot_due = done % snapshot_every == 0 or done == end
-            if not (log_due or snapshot_due):
+            callbacks_due = any(_callback_due(cb, done, int(tr.n_iters)) for cb in callbacks)
+            if not (log_due or snapshot_due or callbacks_due):
                 continue
-            # One synchronisation per logging window, never per step.
+            # One synchronisation per logging window, never per step; weights and EMA are checked too, so a
+            # snapshot never holds NaN/inf and "the last good checkpoint" is always good.
+            bad |= ~weights_finite(state)
             if distributed.broadcast_flag(bool(bad.item()), info, device):
                 raise TrainingDiverged(
-                    f"training diverged: the loss or gradient became NaN/inf between steps {last_good} and {done}; "
+                    f"training diverged: the loss, gradient, weights or EMA weights became NaN/inf between steps "
+                    f"{last_good} and {done}; "
                     f"the last good checkpoint ({ckpt}, step {last_good if os.path.exists(ckpt) else 'none'}) "
                     "was kept; lower training.lr, raise training.warmup or check the data")
             last_good = done
@@ -354,16 +355,22 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
                 window, window_start = 0, time.perf_counter()
             if snapshot_due and info.is_main:
                 save_checkpoint(ckpt, state.to_dict(config))
-            if info.is_main and ((sample_every > 0 and done % sample_every == 0) or done == int(tr.n_iters)):
-                samples_path, sw2 = _sample_figure(config, sde, state, workdir, device, logger)
-                if sw2 is not None:
-                    logger.scalars(done, {"sw2": sw2})
-                window_start = time.perf_counter()
+            if info.is_main and callbacks_due:
+                callback_start = time.perf_counter()
+                values = _run_callbacks(callbacks, config, sde, state, device, workdir, int(tr.n_iters))
+                if values:
+                    logger.metrics(done, values)
+                    metrics.update(values)
+                spent = time.perf_counter() - callback_start
+                callback_seconds += spent
+                window_start += spent  # callbacks do not count towards the training rate
             distributed.barrier(info)
     finally:
         logger.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - callback_seconds
     if info.is_main:
-        with open(os.path.join(workdir, "train_summary.json"), "w") as handle:
-            json.dump({"step": state.step, "loss": last_loss, "seconds": seconds, "sw2": sw2}, handle, indent=1)
-    return TrainResult(state.step, end - start, last_loss, seconds, ckpt, samples_path, sw2, model)
+        write_json(os.path.join(workdir, "train_summary.json"),
+                   {"step": state.step, "loss": last_loss, "seconds": seconds, "steps_this_run": end - start,
+                    "steps_per_s": (end - start) / seconds if seconds > 0 else None,
+                    "callback_seconds": callback_seconds, "metrics": metrics}, indent=1)
+    return TrainResult(state.step, end - start, last_loss, seconds, ckpt, callback_seconds, metrics, model)
