@@ -179,3 +179,27 @@ def test_training_callback_every_k_steps(tmp_path, weights, capsys):
         assert report["step"] == step and report["num_samples"] == 2 and report["solver"] == "em"
         assert report["nfe_used"] == 2 and report["split"] == "train" and report["reference_num_images"] == 3
     assert summary["metrics"]["fid"] == pytest.approx(report["fid"])
+
+
+def test_compare_solvers_reports_fid_per_solver_and_nfe(tmp_path, weights):
+    import importlib.util
+
+    from test_exports import TINY_DIGITS, _untrained_run
+
+    spec = importlib.util.spec_from_file_location("compare_solvers", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "compare_solvers.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    workdir = str(tmp_path / "run")
+    _untrained_run("vp_digits", TINY_DIGITS + [f"eval.stats_dir={tmp_path / 'stats'}", "eval.reference_num_images=3",
+                                               "eval.kid_reference_features=3"], workdir)
+    out = str(tmp_path / "cmp")
+    assert script.main(["--workdir", workdir, "--solvers", "em", "--nfe", "1,2", "--num_samples", "2",
+                        "--inception_weights", weights, "--out", out]) == 0
+    lines = open(out + ".csv").read().splitlines()
+    assert lines[0].startswith("solver,setting,nfe_requested,nfe_used,fid,kid,inception_score")
+    assert [line.split(",")[:4] for line in lines[2:]] == [["em", "nfe=1", "1", "1"], ["em", "nfe=2", "2", "2"]]
+    assert "#### FID" in open(out + ".md").read()
+    # without weights: the one line, naming bits/dim as the other way
+    with pytest.raises(UserError, match="is not a file.*--mode likelihood"):
+        script.main(["--workdir", workdir, "--inception_weights", str(tmp_path / "none.pth"), "--out", out])
