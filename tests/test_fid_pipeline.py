@@ -203,3 +203,31 @@ def test_compare_solvers_reports_fid_per_solver_and_nfe(tmp_path, weights):
     # without weights: the one line, naming bits/dim as the other way
     with pytest.raises(UserError, match="is not a file.*--mode likelihood"):
         script.main(["--workdir", workdir, "--inception_weights", str(tmp_path / "none.pth"), "--out", out])
+
+
+def test_inception_loads_without_torchvision(monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith("torch_fidelity.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` now fails, as a broken install does
+    cls = inception.inception_class()
+    assert cls.__name__ == "FeatureExtractorInceptionV3" and cls.get_default_feature_layer_for_metric("fid") == "2048"
+    assert "torch_fidelity.feature_extractor_clip" not in sys.modules  # the package __init__ did not run
+
+
+def test_eval_cli_prints_and_writes_fid_kid_is(tmp_path, weights, capsys):
+    from test_exports import TINY_DIGITS, _untrained_run
+
+    workdir = str(tmp_path / "run")
+    _untrained_run("vp_digits", TINY_DIGITS, workdir)
+    code = main.main(["--mode", "eval", "--workdir", workdir, "--solver", "em", "--nfe", "1", "--num_samples", "2",
+                      f"--config.eval.inception_weights={weights}", f"--config.eval.stats_dir={tmp_path / 'stats'}",
+                      "--config.eval.reference_num_images=3", "--config.eval.kid_reference_features=3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "KID" in out and "IS" in out and "(2 samples vs 3 train images)" in out
+    report = json.load(open(os.path.join(workdir, "eval", "eval_em_nfe1_seed42.json")))
+    assert report["num_samples"] == 2 and report["split"] == "train" and report["solver"] == "em"
+    assert report["nfe_used"] == 1 and report["fid"] >= 0 and report["kid_subset_size"] == 2
+    assert report["reference_num_images"] == 3 and len(report["channel_mean"]) == 1
