@@ -1,4 +1,5 @@
-"""`--mode eval`: sample quality of a trained run, written as JSON to `eval/eval_{solver}_nfe{K}_seed{S}.json`.
+"""`--mode eval`: sample quality of a trained run, written as JSON to `eval/eval_{solver}_nfe{K}_seed{S}[_h<hash>].json`
+(the hash as for `--mode sample`, evaluation/outputs.py).
 
 Toy data: sliced Wasserstein-2 distance to exact data samples, with the metric's noise floor (two exact
 sets of the same size); for the analytic mixtures also the mode-weight TV error and the mean log-density gap.
@@ -16,7 +17,8 @@ import torch
 from atomic_io import write_json
 from errors import UserError
 from evaluation.metrics import mean_log_density_gap, mode_weight_tv, sliced_wasserstein
-from evaluation.sample_runner import sample_from_run
+from evaluation.sample_runner import output_stem, sample_from_run
+from validation import check_output_files, check_settings
 
 
 def toy_report(config, samples: np.ndarray, seed: int) -> dict:
@@ -71,8 +73,14 @@ def _image_quality(config, workdir: str, args):
 
 def run(config, workdir: str, args) -> int:
     """Draw samples from the latest checkpoint and report their quality as JSON."""
+    from sde_lib import get_sde
+
+    check_settings(config, args, "eval", get_sde)  # also when called without main.py
+    stem, settings = output_stem(config, args, workdir, "eval")
+    path = stem + ".json"
+    check_output_files([path])  # before the work, not after
     image = config.data.get("kind", "toy") == "image"
-    quality = _image_quality(config, workdir, args) if image else None
+    quality = _image_quality(config, workdir, args) if image else None  # weights checked before sampling
     samples, facts = sample_from_run(config, workdir, args)
     report = {key: facts[key] for key in ("solver", "nfe_requested", "nfe_used", "num_samples", "seed",
                                           "checkpoint_step", "dataset", "seconds")}
@@ -81,8 +89,7 @@ def run(config, workdir: str, args) -> int:
         report.update(image_report(samples))
     else:
         report.update(toy_report(config, samples, facts["seed"]))
-    path = os.path.join(workdir, "eval", f"eval_{facts['solver']}_nfe{facts['nfe_requested']}_seed{facts['seed']}.json")
-    write_json(path, report)
+    write_json(path, {**report, "settings": settings})
     for key, value in report.items():
         if key != "inception":
             print(f"{key}: {value}")

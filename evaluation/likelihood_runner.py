@@ -3,24 +3,28 @@
 Images: uniformly dequantized 8-bit data, bits/dim with the scaling log-determinant and 8-bit offset
 (see likelihood/bpd.py). Toys: exact samples of the toy distribution (a fixed set per split and seed),
 reported in nats/dim and bits/dim without dequantization; for the analytic mixtures the exact
--log p_eps of the same points is reported next to it. The report is printed and written as JSON to
-`likelihood_{split}.json` in the checkpoint folder.
+-log p_eps of the same points is reported next to it. The report is printed and written atomically as JSON to
+`WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`, one file per setting: the hash appears when a setting
+that changes the result (config.likelihood, --num_batches, seed) differs from the config's defaults
+(evaluation/outputs.py); the settings are recorded in the report.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 import torch
 
+from atomic_io import write_json
 from errors import UserError
+from evaluation.outputs import default_config, result_stem
 from evaluation.progress import ProgressScore, nfe_bar
 from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
                         nats_per_dim, nats_to_bits)
-from sde_lib import VPSDE, subVPSDE
+from sde_lib import VPSDE, get_sde, subVPSDE
 from training import distributed
+from validation import check_output_files, check_settings
 
 SPLITS = ("train", "test")
 _SPLIT_SALT = {"train": 0x7A, "test": 0x7E}  # toy splits: disjoint seeds, never the training stream's
@@ -213,9 +217,28 @@ def format_report(report: dict) -> str:
                    f"batch){total}, {rate:.2f} {'images' if report['dequantized'] else 'samples'}/s")
 
 
+def likelihood_settings(config, num_batches: int) -> dict:
+    """Every setting that changes a likelihood report (besides the split, which is in the file name)."""
+    lk = config.likelihood
+    return {**_likelihood_options(config), "seed": int(config.seed), "num_batches": int(num_batches),
+            "batch_size": int(lk.batch_size), "num_dequant": int(lk.num_dequant),
+            "toy_num_samples": int(lk.toy_num_samples), "ddpm_bound": bool(lk.get("ddpm_bound", False)),
+            "ddpm_variance": str(lk.get("ddpm_variance", "")), "ddpm_num_terms": int(lk.get("ddpm_num_terms", 0))}
+
+
+def results_path(config, workdir: str, split: str, args) -> tuple[str, dict]:
+    """(path, settings) of the likelihood report of a run: `WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`."""
+    num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
+    settings = likelihood_settings(config, num_batches)
+    defaults = default_config(args, workdir)
+    default_settings = (None if defaults is None
+                        else likelihood_settings(defaults, int(defaults.likelihood.num_batches)))
+    stem = result_stem(f"likelihood_{split}", settings, default_settings)
+    return os.path.join(workdir, "likelihood", stem + ".json"), settings
+
+
 def run(config, workdir: str, args) -> int:
     """Entry point of `main.py --mode likelihood`."""
-    from training.checkpoint import checkpoint_dir
     from training.device import get_device
 
     split = args.split or str(config.likelihood.split)
@@ -223,6 +246,9 @@ def run(config, workdir: str, args) -> int:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if args.num_batches is not None and args.num_batches <= 0:
         raise UserError(f"--num_batches must be positive, got {args.num_batches}")
+    check_settings(config, args, "likelihood", get_sde)  # also when called without main.py
+    path, settings = results_path(config, workdir, split, args)
+    check_output_files([path])  # before the work, not after
     group = distributed.setup(get_device(config))  # `torchrun --nproc_per_node=K`: the batches are shared
     try:
         device = distributed.local_device(get_device(config), group)
@@ -232,10 +258,9 @@ def run(config, workdir: str, args) -> int:
     if not group.is_main:
         return 0
     report["step"] = step
+    report["settings"] = settings
     print(format_report(report))
-    path = os.path.join(checkpoint_dir(workdir), f"likelihood_{split}.json")
-    with open(path, "w") as handle:
-        json.dump(report, handle, indent=2, sort_keys=True)
+    write_json(path, report, sort_keys=True)
     print(f"wrote {path}")
     return 0
 

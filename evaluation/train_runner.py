@@ -97,6 +97,13 @@ def build_callbacks(config, progress: bool = True) -> list:
 
 def run(config, workdir: str, args) -> int:
     """Train the model of `config` in `workdir` (resuming from its checkpoint if there is one) and report."""
+    from sde_lib import get_sde
+    from training.checkpoint import checkpoint_path
+    from validation import check_output_files, check_settings
+
+    check_settings(config, args, "train", get_sde)  # also when called without main.py
+    check_output_files([checkpoint_path(workdir), os.path.join(workdir, "config.json"),
+                        os.path.join(workdir, "train_summary.json")])  # before hours of training, not after
     progress = bool(config.training.get("progress", True))
     callbacks = build_callbacks(config, progress)
     result = train(config, workdir, callbacks=callbacks)

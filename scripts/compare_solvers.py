@@ -144,8 +144,7 @@ def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budget
         lines += ["Not run (the solver refused the setting):", ""]
         lines += [f"- {s} ({n})" for s, n in skipped]
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def write_plot(path: str, rows: list[dict], floor: dict, title: str, metrics=METRICS) -> None:
@@ -317,13 +316,15 @@ def main(argv=None) -> int:
     total = time.time() - total
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".csv", "w", newline="") as f:
+    table = io.StringIO(newline="")
+    with table as f:
         writer = csv.DictWriter(f, fieldnames=["solver", "setting", "nfe_requested", "nfe_used", *METRICS,
                                                "seconds", "note"])
         writer.writeheader()
         writer.writerow({"solver": "noise_floor", "setting": "exact vs exact", **{m: floor[m] for m in METRICS}})
         for r in rows:
             writer.writerow(r)
+        write_text(args.out + ".csv", f.getvalue())
     command = "python scripts/compare_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"### {what}\n\n`{command}` — {n} samples per run, seed {args.seed}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime())}, {platform.machine()} CPU, "

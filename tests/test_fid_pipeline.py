@@ -227,7 +227,18 @@ def test_eval_cli_prints_and_writes_fid_kid_is(tmp_path, weights, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "FID" in out and "KID" in out and "IS" in out and "(2 samples vs 3 train images)" in out
-    report = json.load(open(os.path.join(workdir, "eval", "eval_em_nfe1_seed42.json")))
+    (name,) = os.listdir(os.path.join(workdir, "eval"))  # eval_em_nfe1_seed42_h<settings hash>.json
+    assert name.startswith("eval_em_nfe1_seed42")
+    report = json.load(open(os.path.join(workdir, "eval", name)))
     assert report["num_samples"] == 2 and report["split"] == "train" and report["solver"] == "em"
     assert report["nfe_used"] == 1 and report["fid"] >= 0 and report["kid_subset_size"] == 2
     assert report["reference_num_images"] == 3 and len(report["channel_mean"]) == 1
+
+
+@pytest.mark.parametrize("override,key", [("eval.kid_subsets=0", "eval.kid_subsets"),
+                                          ("eval.batch_size=-1", "eval.batch_size")])
+def test_bad_eval_settings_are_one_line(tmp_path, capsys, override, key):
+    code = main.main(["--mode", "eval", "--config", "vp_digits", "--workdir", str(tmp_path / "run"),
+                      f"--config.{override}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and key in err and len(err.splitlines()) == 1
