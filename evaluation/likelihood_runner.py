@@ -3,24 +3,28 @@
 Images: uniformly dequantized 8-bit data, bits/dim with the scaling log-determinant and 8-bit offset
 (see likelihood/bpd.py). Toys: exact samples of the toy distribution (a fixed set per split and seed),
 reported in nats/dim and bits/dim without dequantization; for the analytic mixtures the exact
--log p_eps of the same points is reported next to it. The report is printed and written as JSON to
-`likelihood_{split}.json` in the checkpoint folder.
+-log p_eps of the same points is reported next to it. The report is printed and written atomically as JSON to
+`WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`, one file per setting: the hash appears when a setting
+that changes the result (config.likelihood, --num_batches, seed) differs from the config's defaults
+(evaluation/outputs.py); the settings are recorded in the report.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from atomic_io import write_json
 from errors import UserError
+from evaluation.outputs import default_config, result_stem
+from evaluation.progress import ProgressScore, nfe_bar
 from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
                         nats_per_dim, nats_to_bits)
-from sde_lib import VPSDE, subVPSDE
+from sde_lib import VPSDE, get_sde, subVPSDE
 from training import distributed
+from validation import check_output_files, check_settings
 
 SPLITS = ("train", "test")
 _SPLIT_SALT = {"train": 0x7A, "test": 0x7E}  # toy splits: disjoint seeds, never the training stream's
@@ -80,18 +84,20 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     mixture = toy_mixture(str(config.data.dataset)) if str(config.data.dataset) in TOY_MIXTURES else None
     start_time = time.perf_counter()
     ranges, info = _batches(count, batch_size, 0), distributed.current_info()
-    bar = tqdm(distributed.my_share(len(ranges), info), desc=f"likelihood {split}", unit="batch",
-               disable=not progress or not info.is_main)
-    for index in bar:
-        lo, hi = ranges[index]
-        generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
-        x = points[lo:hi].to(device=device, dtype=torch.float32)
-        logp, _, nfe = log_likelihood(sde, score_fn, x, generator=generator, **options)
-        nats[index] = nats_per_dim(logp.double(), dim).cpu()
-        nfes[index] = nfe
-        if mixture is not None:
-            reference[index] = nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim)
-        bar.set_postfix(nats_per_dim=f"{torch.cat(list(nats.values())).mean():.4f}", nfe=nfe)
+    mine = distributed.my_share(len(ranges), info)
+    with nfe_bar(None, f"likelihood {split} ({len(mine)} batches)", progress and info.is_main) as bar:
+        counted = ProgressScore(score_fn, bar)  # the bar counts every score evaluation
+        for done, index in enumerate(mine, 1):
+            lo, hi = ranges[index]
+            generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
+            x = points[lo:hi].to(device=device, dtype=torch.float32)
+            logp, _, nfe = log_likelihood(sde, counted, x, generator=generator, **options)
+            nats[index] = nats_per_dim(logp.double(), dim).cpu()
+            nfes[index] = nfe
+            if mixture is not None:
+                reference[index] = nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim)
+            bar.set_postfix(batch=f"{done}/{len(mine)}", nats_per_dim=f"{torch.cat(list(nats.values())).mean():.4f}",
+                            nfe_per_pass=nfe)
     _synchronize(device)
     nats, nfes, reference = (distributed.gather_indexed(v, info) for v in (nats, nfes, reference))
     seconds = time.perf_counter() - start_time
@@ -99,7 +105,8 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     report = {"nats_per_dim": mean, "nats_per_dim_stderr": stderr,
               "bits_per_dim": nats_to_bits(mean), "bits_per_dim_stderr": nats_to_bits(stderr),
               "num_samples": count, "dim": dim, "dequantized": False,
-              "mean_nfe": float(np.mean(nfes)), "samples_per_s": count / seconds, "seconds": seconds}
+              "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(nfes)), "samples_per_s": count / seconds,
+              "seconds": seconds}
     if mixture is not None:
         ref_mean, ref_err = mean_and_stderr(torch.cat(reference))
         report.update(exact_nats_per_dim=ref_mean, exact_nats_per_dim_stderr=ref_err)
@@ -127,29 +134,35 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
         eps_fn = _ddpm_eps_fn(config, sde, score_fn if bound_score_fn is None else bound_score_fn)
     start_time = time.perf_counter()
     info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
-    bar = tqdm(distributed.my_share(len(ranges), info), desc=f"bits/dim {split}", unit="batch",
-               disable=not progress or not info.is_main)
-    for index in bar:
-        lo, hi = ranges[index]
-        generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
-        batch = images[lo:hi].to(device)
-        bpd, nfe = bits_per_dim(sde, score_fn, batch, data_scale=scale, num_dequant=int(config.likelihood.num_dequant),
-                                generator=generator, **options)
-        bpds[index] = bpd.cpu()
-        nfes[index] = nfe / int(config.likelihood.num_dequant)
-        if with_bound:
-            num_terms = int(config.likelihood.ddpm_num_terms) or None
-            bounds[index] = ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
-                                           variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu()
-        bar.set_postfix(bpd=f"{torch.cat(list(bpds.values())).mean():.4f}", nfe=nfe)
+    mine = distributed.my_share(len(ranges), info)
+    num_dequant = int(config.likelihood.num_dequant)
+    totals = {}
+    with nfe_bar(None, f"bits/dim {split} ({len(mine)} batches x {num_dequant} passes)",
+                 progress and info.is_main) as bar:
+        counted = ProgressScore(score_fn, bar)  # the bar counts every score evaluation (all passes)
+        for done, index in enumerate(mine, 1):
+            lo, hi = ranges[index]
+            generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
+            batch = images[lo:hi].to(device)
+            bpd, nfe = bits_per_dim(sde, counted, batch, data_scale=scale, num_dequant=num_dequant,
+                                    generator=generator, **options)
+            bpds[index] = bpd.cpu()
+            nfes[index], totals[index] = nfe / num_dequant, nfe  # per pass (one ODE solve), and in total
+            if with_bound:
+                num_terms = int(config.likelihood.ddpm_num_terms) or None
+                bounds[index] = ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
+                                               variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu()
+            bar.set_postfix(batch=f"{done}/{len(mine)}", bpd=f"{torch.cat(list(bpds.values())).mean():.4f}",
+                            nfe_per_pass=f"{nfe / num_dequant:.0f}")
     _synchronize(device)
-    bpds, nfes, bounds = (distributed.gather_indexed(v, info) for v in (bpds, nfes, bounds))
+    bpds, nfes, bounds, totals = (distributed.gather_indexed(v, info) for v in (bpds, nfes, bounds, totals))
     seconds = time.perf_counter() - start_time
     count = sum(hi - lo for lo, hi in ranges)
     mean, stderr = mean_and_stderr(torch.cat(bpds))
     report = {"bits_per_dim": mean, "bits_per_dim_stderr": stderr, "num_samples": count,
               "dim": int(images[0].numel()), "dequantized": True, "num_dequant": int(config.likelihood.num_dequant),
-              "data_scale": list(scale), "mean_nfe": float(np.mean(nfes)), "images_per_s": count / seconds,
+              "data_scale": list(scale), "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(totals)),
+              "images_per_s": count / seconds,
               "seconds": seconds}
     if with_bound:
         report["ddpm_bound_bits_per_dim"], report["ddpm_bound_stderr"] = mean_and_stderr(torch.cat(bounds))
@@ -199,13 +212,33 @@ def format_report(report: dict) -> str:
         line += ")"
     if "ddpm_bound_bits_per_dim" in report:
         line += f", DDPM bound {report['ddpm_bound_bits_per_dim']:.4f} ± {report['ddpm_bound_stderr']:.4f}"
-    return line + (f", n={report['num_samples']}, mean NFE {report['mean_nfe']:.1f}, {rate:.1f} "
-                   f"{'images' if report['dequantized'] else 'samples'}/s")
+    total = f", {report['total_nfe']} in total" if "total_nfe" in report else ""
+    return line + (f", n={report['num_samples']}, NFE {report['mean_nfe']:.1f} per pass (one ODE solve of a "
+                   f"batch){total}, {rate:.2f} {'images' if report['dequantized'] else 'samples'}/s")
+
+
+def likelihood_settings(config, num_batches: int) -> dict:
+    """Every setting that changes a likelihood report (besides the split, which is in the file name)."""
+    lk = config.likelihood
+    return {**_likelihood_options(config), "seed": int(config.seed), "num_batches": int(num_batches),
+            "batch_size": int(lk.batch_size), "num_dequant": int(lk.num_dequant),
+            "toy_num_samples": int(lk.toy_num_samples), "ddpm_bound": bool(lk.get("ddpm_bound", False)),
+            "ddpm_variance": str(lk.get("ddpm_variance", "")), "ddpm_num_terms": int(lk.get("ddpm_num_terms", 0))}
+
+
+def results_path(config, workdir: str, split: str, args) -> tuple[str, dict]:
+    """(path, settings) of the likelihood report of a run: `WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`."""
+    num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
+    settings = likelihood_settings(config, num_batches)
+    defaults = default_config(args, workdir)
+    default_settings = (None if defaults is None
+                        else likelihood_settings(defaults, int(defaults.likelihood.num_batches)))
+    stem = result_stem(f"likelihood_{split}", settings, default_settings)
+    return os.path.join(workdir, "likelihood", stem + ".json"), settings
 
 
 def run(config, workdir: str, args) -> int:
     """Entry point of `main.py --mode likelihood`."""
-    from training.checkpoint import checkpoint_dir
     from training.device import get_device
 
     split = args.split or str(config.likelihood.split)
@@ -213,6 +246,9 @@ def run(config, workdir: str, args) -> int:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if args.num_batches is not None and args.num_batches <= 0:
         raise UserError(f"--num_batches must be positive, got {args.num_batches}")
+    check_settings(config, args, "likelihood", get_sde)  # also when called without main.py
+    path, settings = results_path(config, workdir, split, args)
+    check_output_files([path])  # before the work, not after
     group = distributed.setup(get_device(config))  # `torchrun --nproc_per_node=K`: the batches are shared
     try:
         device = distributed.local_device(get_device(config), group)
@@ -222,10 +258,9 @@ def run(config, workdir: str, args) -> int:
     if not group.is_main:
         return 0
     report["step"] = step
+    report["settings"] = settings
     print(format_report(report))
-    path = os.path.join(checkpoint_dir(workdir), f"likelihood_{split}.json")
-    with open(path, "w") as handle:
-        json.dump(report, handle, indent=2, sort_keys=True)
+    write_json(path, report, sort_keys=True)
     print(f"wrote {path}")
     return 0
 

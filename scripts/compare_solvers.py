@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import io
 import math
 import os
 import platform
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic_io import save_figure, write_text  # noqa: E402
 from errors import UserError  # noqa: E402
 from evaluation.metrics import mixture_report  # noqa: E402
 from solvers import SAMPLERS, available_solvers, sample  # noqa: E402
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="mix64", help="analytic mixture: ring2d, grid2d or mix64")
     parser.add_argument("--sde", default="vp", choices=("vp", "subvp", "ve"))
-    parser.add_argument("--config", default=None, help="with --workdir: compare on a trained checkpoint")
+    parser.add_argument("--config", default=None, help="with --workdir: the run's config (default: its saved one)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--solvers", default="all", help="comma-separated names, or 'all' (those valid for the SDE)")
     parser.add_argument("--nfe", default=",".join(map(str, DEFAULT_BUDGETS)), help="comma-separated budgets")
@@ -131,8 +133,7 @@ def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budget
         lines += ["Not run (the solver refused the setting):", ""]
         lines += [f"- {s} ({n})" for s, n in skipped]
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
@@ -152,10 +153,15 @@ def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
                          and math.isfinite(r[metric]))
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=solver, color=cmap(k % 20))
+        reference_line = None
         if metric == "logp_gap" and "logp_gap_se" in floor:  # one draw of a signed gap is no scale; its SE is
-            ax.axhline(floor["logp_gap_se"], color="k", ls="--", lw=1, label="std. error (exact samples)")
+            reference_line = ax.axhline(floor["logp_gap_se"], color="k", ls="--", lw=1,
+                                        label="standard error of the gap (n exact samples)")
         elif floor.get(metric) is not None:
-            ax.axhline(abs(floor[metric]), color="k", ls="--", lw=1, label="noise floor")
+            reference_line = ax.axhline(abs(floor[metric]), color="k", ls="--", lw=1,
+                                        label="noise floor (exact vs exact samples)")
+        if reference_line is not None and ax is not axes[0][0]:
+            ax.legend(handles=[reference_line], fontsize=7, loc="lower left")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE used")
@@ -164,7 +170,7 @@ def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
     axes[0][0].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -175,12 +181,10 @@ def main(argv=None) -> int:
     n = args.num_samples
     g_ref = torch.Generator().manual_seed(10_000 + args.seed)
     if args.workdir:
-        import configs
-        from evaluation.sample_runner import load_score_fn
-        if not args.config:
-            raise UserError("--workdir needs --config")
-        config = configs.get_config(args.config)
-        sde, score_fn, step = load_score_fn(config, args.workdir, torch.device("cpu"))
+        from evaluation.run import load_run, resolve_config
+        config, _ = resolve_config(args.config, args.workdir, [], "sample")  # the run's saved config by default
+        run = load_run(args.workdir, "cpu", config=config)
+        sde, score_fn, step = run.sde, run.score_fn, run.step
         if config.data.get("kind", "toy") == "image":
             raise UserError("image checkpoints: no sample-quality metric is available here "
                             "(FID/KID need Inception weights); use --mode likelihood for bits/dim")
@@ -234,13 +238,15 @@ def main(argv=None) -> int:
     total = time.time() - total
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".csv", "w", newline="") as f:
+    table = io.StringIO(newline="")
+    with table as f:
         writer = csv.DictWriter(f, fieldnames=["solver", "setting", "nfe_requested", "nfe_used", *METRICS,
                                                "seconds", "note"])
         writer.writeheader()
         writer.writerow({"solver": "noise_floor", "setting": "exact vs exact", **{m: floor[m] for m in METRICS}})
         for r in rows:
             writer.writerow(r)
+        write_text(args.out + ".csv", f.getvalue())
     command = "python scripts/compare_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"### {what}\n\n`{command}` — {n} samples per run, seed {args.seed}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime())}, {platform.machine()} CPU, "

@@ -148,6 +148,7 @@ def test_interpolation_stays_on_the_data():
 
 
 # --- the CLI modes on a tiny untrained U-Net (files, shapes, known pixels, clear errors) -------------------------
+import glob  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
@@ -185,7 +186,8 @@ def test_inpaint_cli_keeps_known_pixels_and_writes_a_grid(tmp_path):
     import matplotlib.image
     matplotlib.image.imsave(str(tmp_path / "mask.png"), mask, cmap="gray")
     assert _cli("inpaint", workdir, overrides, "--input", path, "--mask", str(tmp_path / "mask.png")) == 0
-    stem = os.path.join(workdir, "controllable", "inpaint_seed42")
+    (npz,) = glob.glob(os.path.join(workdir, "controllable", "inpaint_seed42_h*.npz"))
+    stem = npz[:-len(".npz")]
     results = np.load(stem + ".npz")["results"]
     assert results.shape == images.shape and results.dtype == np.uint8
     np.testing.assert_allclose(results[..., :4].astype(int), images[..., :4].astype(int), atol=1)
@@ -219,10 +221,32 @@ def test_cli_input_and_mask_errors(tmp_path, capsys):
 def test_colorize_and_interpolate_cli(tmp_path):
     workdir, overrides, path, images = _tiny_run(tmp_path, channels=3)
     assert _cli("colorize", workdir, overrides, "--input", path) == 0
-    results = np.load(os.path.join(workdir, "controllable", "colorize_seed42.npz"))["results"]
+    (npz,) = glob.glob(os.path.join(workdir, "controllable", "colorize_seed42_h*.npz"))
+    results = np.load(npz)["results"]
     assert results.shape == images.shape and results.dtype == np.uint8  # (untrained net: colors are noise)
     second = str(tmp_path / "second.npz")
     np.savez(second, images=images[::-1].copy())
-    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", second, "--num_frames", "4") == 0
-    frames = np.load(os.path.join(workdir, "controllable", "interpolate.npz"))["results"]
+    # --nfe 6 per direction: too few for dopri5 at 1e-5 (one line naming the keys), what ode_euler spends exactly
+    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", second, "--num_frames", "4") == 2
+    assert _cli("interpolate", workdir, overrides, "--input", path, "--input2", second, "--num_frames", "4",
+                "--solver", "ode_euler") == 0
+    (npz,) = glob.glob(os.path.join(workdir, "controllable", "interpolate_h*.npz"))
+    frames = np.load(npz)["results"]
     assert frames.shape == (4, 2, 3, 8, 8)
+    facts = json.load(open(npz[:-len(".npz")] + ".json"))
+    assert facts["nfe_used"] == 12 and facts["method"] == "euler" and facts["solver"] == "ode_euler"
+
+
+def test_controllable_modes_honour_or_refuse_solver(tmp_path, capsys):
+    workdir, overrides, path, _ = _tiny_run(tmp_path, channels=3)
+    assert _cli("inpaint", workdir, overrides, "--input", path, "--mask", "left", "--solver", "em") == 0
+    (path_json,) = glob.glob(os.path.join(workdir, "controllable", "inpaint_seed42_h*.json"))
+    facts = json.load(open(path_json))
+    assert (facts["predictor"], facts["corrector"], facts["nfe_used"]) == ("euler_maruyama", "none", 6)
+    capsys.readouterr()
+    for mode, solver, key in [("inpaint", "ddim", "sampling.predictor"), ("colorize", "heun", "sampling.corrector"),
+                              ("interpolate", "em", "sampling.method")]:
+        extra = ["--input2", path] if mode == "interpolate" else ["--mask", "left"] if mode == "inpaint" else []
+        assert _cli(mode, workdir, overrides, "--input", path, "--solver", solver, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--solver {solver}" in err and key in err

@@ -362,8 +362,9 @@ def test_runner_image_split_bits_per_dim():
         evaluate(config, VESDE(), _image_score(mixture, VESDE()), "test", 1, torch.device("cpu"), progress=False)
 
 
-def test_cli_writes_json_next_to_checkpoint(tmp_path):
-    """`main.py --mode likelihood` on a (randomly initialised) checkpoint prints bits/dim and writes the JSON."""
+def test_cli_writes_json_in_the_likelihood_folder(tmp_path):
+    """`main.py --mode likelihood` on a (randomly initialised) checkpoint prints bits/dim and writes the JSON
+    (WORKDIR/likelihood/, the name carries a hash of the non-default settings)."""
     checkpoint = pytest.importorskip("training.checkpoint")
     import json
 
@@ -380,7 +381,9 @@ def test_cli_writes_json_next_to_checkpoint(tmp_path):
     code = main.main(["--mode", "likelihood", "--config", "vp_toy", "--workdir", str(tmp_path), "--num_batches", "1",
                       "--config.likelihood.batch_size=8", "--config.device=cpu"])
     assert code == 0
-    report = json.loads((tmp_path / "checkpoints" / "likelihood_test.json").read_text())
+    (path,) = (tmp_path / "likelihood").glob("likelihood_test_h*.json")
+    report = json.loads(path.read_text())
+    assert report["settings"]["batch_size"] == 8 and report["settings"]["num_batches"] == 1
     assert report["num_samples"] == 8 and report["step"] == 3 and math.isfinite(report["bits_per_dim"])
     assert main.main(["--mode", "likelihood", "--config", "vp_toy", "--workdir", str(tmp_path / "none")]) == 2
 

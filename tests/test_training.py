@@ -155,11 +155,10 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = checkpoint_path(str(tmp_path))
     before = open(path, "rb").read()
 
-    def failing_save(obj, handle):
-        handle.write(b"half a checkpoint")
+    def failing_fsync(fd):  # the data went to the temp file, the disk is full when it is committed
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    monkeypatch.setattr(ckpt_mod.os, "fsync", failing_fsync)
     with pytest.raises(UserError, match="no space left on device"):
         save_checkpoint(path, {"anything": 1})
     assert open(path, "rb").read() == before

@@ -279,6 +279,7 @@ def convert_checkpoint(src: str, config, workdir: str, config_name: str = "", ov
     Afterwards `main.py --mode sample|likelihood --config <the same config> --workdir workdir` use its EMA
     weights (through `training.checkpoint.restore_model`).
     """
+    from atomic_io import write_text
     from training.checkpoint import checkpoint_path, config_to_json, save_checkpoint
 
     out = checkpoint_path(workdir)
