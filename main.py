@@ -17,6 +17,7 @@ MODES = {
     "inpaint": "evaluation.controllable:run_inpaint",
     "colorize": "evaluation.controllable:run_colorize",
     "interpolate": "evaluation.controllable:run_interpolate",
+    "export": "evaluation.exports:run",
 }
 
 

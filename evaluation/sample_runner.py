@@ -223,6 +223,12 @@ def run(config, workdir: str, args) -> int:
     save_npz(stem + ".npz", samples=samples)
     write_json(stem + ".json", info)
     figure = save_figure(config, stem + ".png", samples, figure_title(info))
+    if config.data.get("kind", "toy") == "image":  # the layouts external FID tools read
+        from evaluation.exports import save_nhwc_npz, save_png_folder
+
+        save_nhwc_npz(stem + "_nhwc.npz", samples)
+        save_png_folder(stem + "_png", samples)
+        figure = (figure + ", " if figure else "") + f"{stem}_nhwc.npz (arr_0), {stem}_png/"
     print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} used of a budget of "
           f"{info['nfe_requested']} per batch) in {info['seconds']:.1f} s ({info['samples_per_second']:.2f} samples/s)"
           f" -> {stem}.npz" + (f", {figure}" if figure else ""))

@@ -88,6 +88,10 @@ def build_callbacks(config, progress: bool = True) -> list:
     callbacks = []
     if int(config.training.get("plot_samples", 2000)) > 0:
         callbacks.append(SampleFigureCallback(config, int(config.training.get("sample_every", 0) or 0), progress))
+    if config.data.kind == "image" and int(config.eval.get("fid_every", 0) or 0) > 0:  # FID/KID/IS (issue 14)
+        from evaluation.image_eval import ImageMetricsCallback
+
+        callbacks.append(ImageMetricsCallback(config, int(config.eval.fid_every), int(config.eval.fid_num_samples)))
     return callbacks
 
 
@@ -113,6 +117,11 @@ def run(config, workdir: str, args) -> int:
             if isinstance(callback, SampleFigureCallback) and callback.path:
                 extra = f", sliced W2 to data {callback.sw2:.4f}" if callback.sw2 is not None else ""
                 print(f"[train] samples: {callback.path} (sampling {callback.seconds:.1f} s{extra})")
+            if getattr(callback, "last", None):
+                from evaluation.image_eval import format_metrics
+
+                print(f"[train] step {callback.last['step']}: {format_metrics(callback.last)}, "
+                      f"{callback.last['solver']} NFE {callback.last['nfe_used']}")
         if result.callback_seconds > 0:
             print(f"[train] evaluation callbacks: {result.callback_seconds:.1f} s in total (not in the training rate)")
     return 0
