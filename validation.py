@@ -304,7 +304,7 @@ def describe_read_error(error: BaseException) -> str:
 # mode -> folders (under the workdir) that it writes; "" is the workdir itself
 OUTPUT_FOLDERS = {"train": ("", "checkpoints", "tensorboard"), "sample": ("samples",), "eval": ("eval",),
                   "likelihood": ("likelihood",), "train_classifier": ("",), "inpaint": ("controllable",),
-                  "colorize": ("controllable",), "interpolate": ("controllable",)}
+                  "colorize": ("controllable",), "interpolate": ("controllable",), "export": ("export",)}
 
 
 def check_settings(config, args, mode: str, get_sde) -> None:
