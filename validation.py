@@ -131,6 +131,18 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
         check_time("sampling.eps", s.eps, T)
         check_real("sampling.snr", s.snr, 0.0, 100.0, lo_open=True)
         check_int("sampling.n_steps_each", s.n_steps_each, 0, 1000)
+    ev = config.get("eval")
+    if ev is not None and mode == "train":
+        check_int("eval.fid_every", ev.get("fid_every", 0) or 0, 0, hi, hint)
+        check_int("eval.fid_num_samples", ev.get("fid_num_samples", 2), 2, hi, hint)
+    if ev is not None and str(data.get("kind", "toy")) == "image" and (
+            mode == "eval" or (mode == "train" and int(ev.get("fid_every", 0) or 0) > 0)):  # FID/KID/IS settings
+        check_int("eval.batch_size", ev.batch_size, 1)
+        check_int("eval.reference_num_images", ev.reference_num_images, 0, hi, hint)
+        check_int("eval.kid_subsets", ev.kid_subsets, 1, 100_000)
+        check_int("eval.kid_subset_size", ev.kid_subset_size, 2, hi, hint)
+        check_int("eval.kid_reference_features", ev.kid_reference_features, 2, hi, hint)
+        check_int("eval.isc_splits", ev.isc_splits, 1, 10_000)
     if mode in ("likelihood", "interpolate"):
         lk = config.likelihood
         check_real("likelihood.rtol", lk.rtol, 0.0, 1.0, lo_open=True)
@@ -304,7 +316,7 @@ def describe_read_error(error: BaseException) -> str:
 # mode -> folders (under the workdir) that it writes; "" is the workdir itself
 OUTPUT_FOLDERS = {"train": ("", "checkpoints", "tensorboard"), "sample": ("samples",), "eval": ("eval",),
                   "likelihood": ("likelihood",), "train_classifier": ("",), "inpaint": ("controllable",),
-                  "colorize": ("controllable",), "interpolate": ("controllable",)}
+                  "colorize": ("controllable",), "interpolate": ("controllable",), "export": ("export",)}
 
 
 def check_settings(config, args, mode: str, get_sde) -> None:

@@ -179,3 +179,66 @@ def test_training_callback_every_k_steps(tmp_path, weights, capsys):
         assert report["step"] == step and report["num_samples"] == 2 and report["solver"] == "em"
         assert report["nfe_used"] == 2 and report["split"] == "train" and report["reference_num_images"] == 3
     assert summary["metrics"]["fid"] == pytest.approx(report["fid"])
+
+
+def test_compare_solvers_reports_fid_per_solver_and_nfe(tmp_path, weights):
+    import importlib.util
+
+    from test_exports import TINY_DIGITS, _untrained_run
+
+    spec = importlib.util.spec_from_file_location("compare_solvers", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "compare_solvers.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    workdir = str(tmp_path / "run")
+    _untrained_run("vp_digits", TINY_DIGITS + [f"eval.stats_dir={tmp_path / 'stats'}", "eval.reference_num_images=3",
+                                               "eval.kid_reference_features=3"], workdir)
+    out = str(tmp_path / "cmp")
+    assert script.main(["--workdir", workdir, "--solvers", "em", "--nfe", "1,2", "--num_samples", "2",
+                        "--inception_weights", weights, "--out", out]) == 0
+    lines = open(out + ".csv").read().splitlines()
+    assert lines[0].startswith("solver,setting,nfe_requested,nfe_used,fid,kid,inception_score")
+    assert [line.split(",")[:4] for line in lines[2:]] == [["em", "nfe=1", "1", "1"], ["em", "nfe=2", "2", "2"]]
+    assert "#### FID" in open(out + ".md").read()
+    # without weights: the one line, naming bits/dim as the other way
+    with pytest.raises(UserError, match="is not a file.*--mode likelihood"):
+        script.main(["--workdir", workdir, "--inception_weights", str(tmp_path / "none.pth"), "--out", out])
+
+
+def test_inception_loads_without_torchvision(monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith("torch_fidelity.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` now fails, as a broken install does
+    cls = inception.inception_class()
+    assert cls.__name__ == "FeatureExtractorInceptionV3" and cls.get_default_feature_layer_for_metric("fid") == "2048"
+    assert "torch_fidelity.feature_extractor_clip" not in sys.modules  # the package __init__ did not run
+
+
+def test_eval_cli_prints_and_writes_fid_kid_is(tmp_path, weights, capsys):
+    from test_exports import TINY_DIGITS, _untrained_run
+
+    workdir = str(tmp_path / "run")
+    _untrained_run("vp_digits", TINY_DIGITS, workdir)
+    code = main.main(["--mode", "eval", "--workdir", workdir, "--solver", "em", "--nfe", "1", "--num_samples", "2",
+                      f"--config.eval.inception_weights={weights}", f"--config.eval.stats_dir={tmp_path / 'stats'}",
+                      "--config.eval.reference_num_images=3", "--config.eval.kid_reference_features=3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "KID" in out and "IS" in out and "(2 samples vs 3 train images)" in out
+    (name,) = os.listdir(os.path.join(workdir, "eval"))  # eval_em_nfe1_seed42_h<settings hash>.json
+    assert name.startswith("eval_em_nfe1_seed42")
+    report = json.load(open(os.path.join(workdir, "eval", name)))
+    assert report["num_samples"] == 2 and report["split"] == "train" and report["solver"] == "em"
+    assert report["nfe_used"] == 1 and report["fid"] >= 0 and report["kid_subset_size"] == 2
+    assert report["reference_num_images"] == 3 and len(report["channel_mean"]) == 1
+
+
+@pytest.mark.parametrize("override,key", [("eval.kid_subsets=0", "eval.kid_subsets"),
+                                          ("eval.batch_size=-1", "eval.batch_size")])
+def test_bad_eval_settings_are_one_line(tmp_path, capsys, override, key):
+    code = main.main(["--mode", "eval", "--config", "vp_digits", "--workdir", str(tmp_path / "run"),
+                      f"--config.{override}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and key in err and len(err.splitlines()) == 1
