@@ -114,7 +114,8 @@ def train_flops_per_image(config, device: torch.device, batch: int = 2) -> tuple
     model = step.state.model
     x = torch.randn(batch, *step.stream.images.shape[1:], device=device)
     t = torch.full((batch,), 0.5, device=device)
-    score_fn = models.get_score_fn(get_sde(config), model, continuous=bool(config.training.continuous))
+    score_fn = models.get_score_fn(get_sde(config), model, continuous=bool(config.training.continuous),
+                                   **models.score_fn_options(config))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         score_fn(x, t)
     return train, counter.get_total_flops() / batch
@@ -151,7 +152,8 @@ def bench_sampling(config, device: torch.device, batch: int, nfe: int, accel: di
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     sde = get_sde(config)
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous),
+                                   **models.score_fn_options(config))
     shape = (batch, int(config.data.num_channels), int(config.data.image_size), int(config.data.image_size))
     out = {}
     with torch.no_grad():
@@ -201,7 +203,8 @@ def bench_likelihood(config, device: torch.device, batch: int, tol: float, scipy
     model = models.create_model(config).to(device).eval()
     sde = get_sde(config)
     score_fn = network_cost_gaussian_score(
-        sde, models.get_score_fn(sde, model, continuous=bool(config.training.continuous)))
+        sde, models.get_score_fn(sde, model, continuous=bool(config.training.continuous),
+                                 **models.score_fn_options(config)))
     shape = (batch, int(config.data.num_channels), int(config.data.image_size), int(config.data.image_size))
     images = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8).to(device)
     out = {}

@@ -37,6 +37,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.embedding_dim = 64
     model.ema_rate = 0.999
     model.scale_by_sigma = False
+    # what the network output estimates (models/parameterization.py): "score" (the reference convention: -eps for
+    # VP / sub-VP, the score for VE), "eps", "x0", "v" or "edm" (Karras et al. 2022 preconditioning with sigma_data)
+    model.parameterization = "score"
+    model.sigma_data = 0.5
     model.dropout = 0.0
     # noise-label embedding: "auto" (fourier for vesde, else positional), "fourier", "positional"
     model.embedding_type = "auto"

@@ -103,6 +103,21 @@ class GaussianMixture:
         logps, _, _ = self._component_logps(x, *self._coefficients(x, t, sde))
         return torch.softmax(logps, dim=1)
 
+    def denoiser_at(self, x: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Exact E[x0 | alpha x0 + std n = x] for x0 from the mixture, n ~ N(0, I); alpha, std (batch,).
+
+        Per component k the Gaussian posterior mean is mu_k + alpha s_k^2 (x - alpha mu_k) / (alpha^2 s_k^2 + std^2);
+        they are averaged with the component posteriors p(k | x).
+        """
+        logps, diff, var = self._component_logps(x, alpha, std)
+        posterior = torch.softmax(logps, dim=1)  # (B, K)
+        means = self.means.to(x)[None] + alpha[:, None, None] * self.stds.to(x)[None] ** 2 * diff / var
+        return (posterior[:, :, None] * means).sum(1)
+
+    def denoiser(self, x: torch.Tensor, t: float | torch.Tensor, sde: SDE) -> torch.Tensor:
+        """Exact denoiser E[x(0) | x(t) = x] under `sde` (Tweedie: score = (alpha D - x) / std^2)."""
+        return self.denoiser_at(x, *self._coefficients(x, t, sde))
+
     def component(self, k: int) -> "GaussianMixture":
         """Component k alone, as a one-component mixture."""
         return GaussianMixture([1.0], self.means[k:k + 1], self.stds[k:k + 1])

@@ -33,6 +33,7 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     s is the unconditional score (the null class of a conditional model).
     """
     from evaluation.run import load_run
+    from models import score_fn_options
     from models.guidance import classifier_log_prob_fn, conditional_score_fn
     from solvers.guidance import check_class_label, classifier_free_guidance, classifier_guidance, conditional_score
 
@@ -62,14 +63,14 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
     sde, model, step = run.sde, run.model, run.step
     continuous = bool(config.training.continuous)
     if guidance == "cfg":
-        score_fn = classifier_free_guidance(conditional_score_fn(sde, model, continuous), label, num_classes, scale)
+        score_fn = classifier_free_guidance(conditional_score_fn(sde, model, continuous, **score_fn_options(config)), label, num_classes, scale)
     elif guidance == "classifier":
         from training.classifier import load_classifier
 
         classifier = load_classifier(config, workdir, device)
         score_fn = classifier_guidance(run.score_fn, classifier_log_prob_fn(classifier), label, scale)
     elif label is not None:
-        score_fn = conditional_score(conditional_score_fn(sde, model, continuous), label)
+        score_fn = conditional_score(conditional_score_fn(sde, model, continuous, **score_fn_options(config)), label)
     else:
         score_fn = run.score_fn
     facts = {"guidance": guidance, "class_label": label,

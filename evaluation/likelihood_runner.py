@@ -42,8 +42,10 @@ def likelihood_score_fns(config, sde, model):
     says; the bound is a sum over the discrete chain, so it uses the step-wise score of discrete training."""
     import models
 
-    return (models.get_score_fn(sde, model, continuous=likelihood_continuous(config)),
-            models.get_score_fn(sde, model, continuous=bool(config.training.continuous)))
+    return (models.get_score_fn(sde, model, continuous=likelihood_continuous(config),
+                                  **models.score_fn_options(config)),
+            models.get_score_fn(sde, model, continuous=bool(config.training.continuous),
+                                **models.score_fn_options(config)))
 
 
 def _likelihood_options(config) -> dict:

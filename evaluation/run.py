@@ -77,7 +77,8 @@ def load_run(workdir: str, device: str | torch.device | None = None,
     model, step = restore_model(config, workdir, device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)  # use-time: no gradients w.r.t. the weights (the likelihood needs x only)
-    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+    score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous),
+                                   **models.score_fn_options(config))
     return Run(workdir, config, sde, model, score_fn, step, device)
 
 

@@ -48,13 +48,22 @@ class GaussianFourierProjection(nn.Module):
 
 
 def resolve_embedding_type(config) -> str:
-    """config.model.embedding_type, with "auto" meaning "fourier" for the VE SDE and "positional" otherwise."""
+    """config.model.embedding_type, with "auto" meaning "fourier" for the VE SDE and "positional" otherwise.
+
+    An edm network's label is c_noise = ln(sigma) / 4, which can be negative: "auto" is "positional" there
+    (as in Karras et al.'s DDPM++), and "fourier" (which embeds log(label)) is refused.
+    """
+    from errors import UserError
+
     kind = str(config.model.get("embedding_type", "auto")).lower()
+    edm = str(config.model.get("parameterization", "score")).lower() == "edm"
     if kind == "auto":
-        return "fourier" if str(config.sde.name).lower() == "vesde" else "positional"
+        return "fourier" if str(config.sde.name).lower() == "vesde" and not edm else "positional"
     if kind not in ("fourier", "positional"):
-        from errors import UserError
         raise UserError(f"unknown model.embedding_type {kind!r}; valid: auto, fourier, positional")
+    if kind == "fourier" and edm:
+        raise UserError("model.embedding_type='fourier' embeds log(label), but edm labels are ln(sigma)/4 "
+                        "(may be negative); use embedding_type='positional' or 'auto'")
     return kind
 
 
@@ -65,8 +74,8 @@ def positional_timesteps(labels: torch.Tensor, config) -> torch.Tensor:
     they are mapped to the reference's step index i = (N - 1) log(sigma_max / sigma) / log(sigma_max / sigma_min)
     (i = 0 at sigma_max), so that discrete-VE networks see the same numbers as in Song et al.'s code.
     """
-    if str(config.sde.name).lower() != "vesde":
-        return labels
+    if str(config.sde.name).lower() != "vesde" or str(config.model.get("parameterization", "score")).lower() == "edm":
+        return labels  # edm labels are c_noise = ln(sigma) / 4, embedded as they are
     smin, smax, n = float(config.sde.sigma_min), float(config.sde.sigma_max), int(config.sde.num_scales)
     dtype = _float_dtype(labels)
     return (n - 1) * torch.log(smax / labels.to(dtype)) / math.log(smax / smin)

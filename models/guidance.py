@@ -30,10 +30,12 @@ def model_num_classes(model: nn.Module) -> int:
     return int(getattr(model, "num_classes", 0))
 
 
-def conditional_score_fn(sde: SDE, model: nn.Module, continuous: bool = True):
+def conditional_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, parameterization: str = "score",
+                         sigma_data: float = 0.5):
     """class_score_fn(x, t, y) of a class-conditional network: `get_score_fn` with the class labels y passed on.
 
     y is a (batch,) long tensor; the null label data.num_classes gives the unconditional score.
+    `parameterization` / `sigma_data` as in `get_score_fn` (`models.score_fn_options(config)`).
     """
     if model_num_classes(model) <= 0:
         raise UserError("the model is unconditional (data.num_classes = 0); class labels and classifier-free "
@@ -41,7 +43,7 @@ def conditional_score_fn(sde: SDE, model: nn.Module, continuous: bool = True):
 
     def class_score_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bound = functools.partial(_call_with_classes, model, y)
-        return get_score_fn(sde, bound, continuous)(x, t)
+        return get_score_fn(sde, bound, continuous, parameterization, sigma_data)(x, t)
     return class_score_fn
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from errors import UserError
+from models.parameterization import check_parameterization, edm_network_input, output_to_score
 from sde_lib import SDE, VESDE, VPSDE, subVPSDE
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,7 +68,8 @@ def noise_labels(sde: SDE, t: torch.Tensor, x: torch.Tensor, continuous: bool = 
     raise UserError(f"get_score_fn supports VPSDE, subVPSDE and VESDE, got {type(sde).__name__}")
 
 
-def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True) -> ScoreFn:
+def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, parameterization: str = "score",
+                 sigma_data: float = 0.5) -> ScoreFn:
     """score_fn(x, t) for a network `model(x, labels)`; t is continuous in [0, T], a float or (batch,) tensor.
 
     VP / sub-VP: the network predicts the noise eps in x(t) = alpha(t) x(0) + std(t) eps, so the score
@@ -78,9 +80,17 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True) -> ScoreFn
     VE: the network output is the score itself (it divides by sigma internally when configured);
     labels are sigma(t) (continuous) or the reference's discrete noise level (see `noise_labels`).
     The score has x's dtype, whatever precision the network ran in (e.g. bf16 autocast).
+    Other `parameterization`s (eps, x0, v, edm with `sigma_data`; continuous time only) are converted by
+    `models.parameterization.output_to_score`; "score" is the reference convention above.
     """
     if not isinstance(sde, (VPSDE, VESDE)):
         raise UserError(f"get_score_fn supports VPSDE, subVPSDE and VESDE, got {type(sde).__name__}")
+    parameterization = check_parameterization(parameterization, sigma_data)
+    if parameterization != "score":
+        if not continuous:
+            raise UserError(f"model.parameterization={parameterization!r} needs continuous time "
+                            "(training.continuous=true); the discrete DDPM/SMLD conventions are those of 'score'")
+        return _converted_score_fn(sde, model, parameterization, float(sigma_data))
 
     if isinstance(sde, VPSDE):
         discrete = not continuous and not isinstance(sde, subVPSDE)
@@ -101,3 +111,24 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True) -> ScoreFn
         return model(x, noise_labels(sde, t, x, continuous)).to(x.dtype)
 
     return ve_score_fn
+
+
+def _converted_score_fn(sde: SDE, model: nn.Module, parameterization: str, sigma_data: float) -> ScoreFn:
+    """score_fn of an eps / x0 / v / edm network (see models/parameterization.py for the equations)."""
+    def score_fn(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        t = _time(t, x)
+        alpha, std = sde.mean_coeff(t), sde.marginal_std(t)
+        if parameterization == "edm":
+            net_x, labels = edm_network_input(x, alpha, std, sigma_data)  # c_in x / alpha, ln(sigma) / 4
+        else:
+            net_x, labels = x, noise_labels(sde, t, x, continuous=True)
+        out = model(net_x, labels)
+        return output_to_score(parameterization, out, x, alpha, std, sigma_data).to(x.dtype)
+
+    return score_fn
+
+
+def score_fn_options(config) -> dict:
+    """get_score_fn's parameterization and sigma_data from config.model (defaults: "score", 0.5)."""
+    m = config.model
+    return {"parameterization": str(m.get("parameterization", "score")), "sigma_data": float(m.get("sigma_data", 0.5))}

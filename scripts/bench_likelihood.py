@@ -82,7 +82,7 @@ def ddpmpp_score(images: np.ndarray, sde_name: str, device, init_scale: float = 
     model = models.create_model(config).to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return models.get_score_fn(get_sde(config), model, continuous=True)
+    return models.get_score_fn(get_sde(config), model, continuous=True, **models.score_fn_options(config))
 
 
 def combined_score(gaussian, network):

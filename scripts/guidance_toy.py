@@ -21,6 +21,7 @@ import configs  # noqa: E402
 from atomic_io import save_figure, write_text  # noqa: E402
 from data.class_conditional import mixture_class_score_fn, mixture_log_posterior_fn  # noqa: E402
 from data.mixtures import toy_mixture  # noqa: E402
+from models import score_fn_options  # noqa: E402
 from models.guidance import classifier_log_prob_fn, conditional_score_fn  # noqa: E402
 from sde_lib import get_sde  # noqa: E402
 from solvers import sample  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     print(f"trained in {time.time() - start:.0f}s")
     sde, ring = get_sde(config), toy_mixture("ring2d")
     model, step = restore_model(config, args.workdir, "cpu")
-    net_class = conditional_score_fn(sde, model)
+    net_class = conditional_score_fn(sde, model, **score_fn_options(config))
     exact_class = mixture_class_score_fn(ring, sde)
     classifier = load_classifier(config, args.workdir, torch.device("cpu"))
     settings = [("cfg", 0.0), ("cfg", 1.0), ("cfg", 3.0), ("classifier", 1.0), ("classifier", 3.0)]

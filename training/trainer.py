@@ -160,9 +160,11 @@ class TrainStep:
             train_model = torch.compile(train_model)
         self.train_model = train_model
         self.loss_fn = get_loss_fn(config, sde)
-        self.score_fn = models.get_score_fn(sde, train_model, continuous=bool(tr.continuous))
+        self.score_fn = models.get_score_fn(sde, train_model, continuous=bool(tr.continuous),
+                                             **models.score_fn_options(config))
         self.num_classes = check_num_classes(config)  # > 0: class-conditional with label dropout (issue 8)
-        self.class_score_fn = (conditional_score_fn(sde, train_model, bool(tr.continuous))
+        self.class_score_fn = (conditional_score_fn(sde, train_model, bool(tr.continuous),
+                                                    **models.score_fn_options(config))
                                if self.num_classes else None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_norm = float(tr.grad_clip) if float(tr.grad_clip) > 0 else math.inf
@@ -237,7 +239,8 @@ def _run_callbacks(callbacks: Sequence[TrainCallback], config, sde, state: "_Sta
     model.eval()
     scalars: dict[str, float] = {}
     try:
-        score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous))
+        score_fn = models.get_score_fn(sde, model, continuous=bool(config.training.continuous),
+                                       **models.score_fn_options(config))
         event = TrainEvent(step=done, final=done == n_iters, config=config, sde=sde, score_fn=score_fn,
                            device=device, workdir=workdir)
         with torch.no_grad():
