@@ -72,6 +72,15 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.likelihood_weighting = False
     training.importance_sampling = False
     training.eps = 1e-5  # smallest t used by the loss
+    # DSM weighting (training/weightings.py): "sigma2" (lambda = std^2, default), "likelihood" (the same as
+    # likelihood_weighting=true), "edm" (Karras et al. 2022 lambda(sigma), sigma_data = model.sigma_data) or "min_snr"
+    # (min(SNR, gamma) / SNR, gamma = min_snr_gamma); proposal of t for edm / min_snr: "auto" (lognormal for edm,
+    # uniform for min_snr), "uniform" or "lognormal" (ln sigma ~ N(p_mean, p_std^2) truncated to the SDE's range)
+    training.weighting = "sigma2"
+    training.proposal = "auto"
+    training.p_mean = -1.2
+    training.p_std = 1.2
+    training.min_snr_gamma = 5.0
     training.batch_size = 512
     training.n_iters = 3000
     training.lr = 2e-3

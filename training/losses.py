@@ -15,6 +15,7 @@ import torch
 
 from errors import UserError
 from sde_lib import SDE, VESDE, VPSDE, broadcast_to, subVPSDE
+from training.weightings import PROPOSALS, WEIGHTINGS, LogNormalSigmaSampler, residual_weight
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSS_NAMES = ("dsm", "ddpm", "smld", "ssm")
@@ -88,14 +89,21 @@ class ImportanceTimeSampler:
 
 def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5, reduce_mean: bool = False,
              likelihood_weighting: bool = False, importance_sampler: ImportanceTimeSampler | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, weighting: str | None = None,
+             proposal: "ImportanceTimeSampler | LogNormalSigmaSampler | None" = None, sigma_data: float = 0.5,
+             min_snr_gamma: float = 5.0) -> torch.Tensor:
     """Continuous-time weighted DSM (Song et al., 2021, eq. 7), t ~ U[eps, T].
 
     lambda(t) = sigma(t)^2 (default): E R(sigma s(x_t, t) + z);
     likelihood weighting lambda = g(t)^2: E g^2 R(s + z / sigma) (Song, Durkan et al., 2021, eq. 9);
     with `importance_sampler`, t ~ q(t) and the estimate keeps the same mean. R(v) is mean(v^2) with
     reduce_mean, else ||v||^2 / 2 (`_reduce`).
+    `weighting` (training/weightings.py: sigma2, likelihood, edm, min_snr) with a `proposal` of t (None: uniform;
+    a sampler with `sample` and `weight`, e.g. `LogNormalSigmaSampler`) gives E w(t) R(std s + z) * proposal.weight().
     """
+    if weighting is not None:
+        return _weighted_dsm_loss(score_fn, sde, x0, weighting, proposal, eps=eps, reduce_mean=reduce_mean,
+                                  sigma_data=sigma_data, gamma=min_snr_gamma, generator=generator)
     n = x0.shape[0]
     if importance_sampler is not None:
         if not likelihood_weighting:
@@ -116,6 +124,22 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5
     else:
         losses = _reduce((score * broadcast_to(std, x0) + z) ** 2, reduce_mean)
     return losses.mean()
+
+
+def _weighted_dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, weighting: str, proposal, *, eps: float,
+                       reduce_mean: bool, sigma_data: float, gamma: float, generator) -> torch.Tensor:
+    """E_{t ~ proposal} w(t) R(std s(x_t, t) + z) * proposal.weight(), w from `residual_weight`."""
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"unknown training.weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    n = x0.shape[0]
+    t = _uniform_time(n, eps, sde.T, x0, generator) if proposal is None else proposal.sample(n, x0, generator)
+    z = _normal_like(x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    x_t = mean + broadcast_to(std, x0) * z
+    score = score_fn(x_t, t)
+    weight = residual_weight(weighting, sde, t, x0, sigma_data=sigma_data, gamma=gamma)
+    scale = 1.0 if proposal is None else proposal.weight()
+    return (_reduce((score * broadcast_to(std, x0) + z) ** 2, reduce_mean) * weight * scale).mean()
 
 
 def _step_times(sde: SDE, n: int, x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +243,39 @@ def resolve_loss_name(config, sde: SDE) -> str:
     return name
 
 
+def _weighting_and_proposal(config, sde: SDE, eps: float):
+    """training.weighting and training.proposal, checked: (weighting, proposal sampler or None for uniform t).
+
+    sigma2 / likelihood keep the original path (weighting "likelihood" = training.likelihood_weighting=true, either
+    one selects it; training.importance_sampling);
+    edm and min_snr take training.proposal ("auto": lognormal for edm, uniform for min_snr).
+    """
+    tr = config.training
+    weighting = str(tr.get("weighting", "sigma2")).lower()
+    proposal = str(tr.get("proposal", "auto")).lower()
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"unknown training.weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    if proposal not in PROPOSALS + ("auto",):
+        raise UserError(f"unknown training.proposal {proposal!r}; valid: auto, {', '.join(PROPOSALS)}")
+    if weighting in ("sigma2", "likelihood"):
+        if proposal not in ("auto", "uniform", "importance"):
+            raise UserError(f"training.proposal={proposal!r} is for weighting edm or min_snr; sigma2 and likelihood "
+                            "use uniform t (or training.importance_sampling=true)")
+        return weighting, None
+    if tr.likelihood_weighting or tr.get("importance_sampling", False):
+        raise UserError(f"training.weighting={weighting!r} replaces training.likelihood_weighting / "
+                        "importance_sampling; set both to false")
+    gamma = float(tr.get("min_snr_gamma", 5.0))
+    if weighting == "min_snr" and not (math.isfinite(gamma) and gamma > 0):
+        raise UserError(f"training.min_snr_gamma must be a positive number, got {gamma}")
+    if proposal == "importance":
+        raise UserError("training.proposal='importance' is the likelihood weighting's proposal "
+                        "(training.importance_sampling=true)")
+    if proposal == "lognormal" or (proposal == "auto" and weighting == "edm"):
+        return weighting, LogNormalSigmaSampler(sde, eps, float(tr.get("p_mean", -1.2)), float(tr.get("p_std", 1.2)))
+    return weighting, None
+
+
 def get_loss_fn(config, sde: SDE) -> Callable[[ScoreFn, torch.Tensor, torch.Generator | None], torch.Tensor]:
     """loss_fn(score_fn, x0, generator) -> scalar loss, as config.training describes."""
     tr = config.training
@@ -226,15 +283,22 @@ def get_loss_fn(config, sde: SDE) -> Callable[[ScoreFn, torch.Tensor, torch.Gene
     eps, reduce_mean = float(tr.eps), bool(tr.reduce_mean)
     if not 0 < eps < sde.T:
         raise UserError(f"training.eps must be in (0, T={sde.T}), got {eps}")
-    if name == "dsm":
+    if name == "dsm" and str(tr.get("weighting", "sigma2")).lower() in ("edm", "min_snr"):
+        weighting, proposal = _weighting_and_proposal(config, sde, eps)
+        sigma_data, gamma = float(config.model.get("sigma_data", 0.5)), float(tr.get("min_snr_gamma", 5.0))
+
+        def loss_fn(score_fn, x0, generator=None):
+            return dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean, generator=generator,
+                            weighting=weighting, proposal=proposal, sigma_data=sigma_data, min_snr_gamma=gamma)
+    elif name == "dsm":
+        likelihood = _weighting_and_proposal(config, sde, eps)[0] == "likelihood" or bool(tr.likelihood_weighting)
         sampler = ImportanceTimeSampler(sde, eps) if tr.get("importance_sampling", False) else None
-        if sampler is not None and not tr.likelihood_weighting:
+        if sampler is not None and not likelihood:
             raise UserError("training.importance_sampling=true needs training.likelihood_weighting=true")
 
         def loss_fn(score_fn, x0, generator=None):
             return dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean,
-                            likelihood_weighting=bool(tr.likelihood_weighting), importance_sampler=sampler,
-                            generator=generator)
+                            likelihood_weighting=likelihood, importance_sampler=sampler, generator=generator)
     elif name == "ddpm":
         def loss_fn(score_fn, x0, generator=None):
             return ddpm_loss(score_fn, sde, x0, reduce_mean=reduce_mean, generator=generator)
