@@ -25,7 +25,7 @@ def test_readme_and_docs_show_the_same_example():
 def test_notebook_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the example reads runs/toy, as after the README's first command
     args = ["--mode", "train", "--config", "vp_toy", "--workdir", "runs/toy", "--config.model.hidden_dim=32",
-            "--config.training.n_iters=200", "--config.training.batch_size=128", "--config.training.progress=false",
+            "--config.training.n_iters=100", "--config.training.batch_size=128", "--config.training.progress=false",
             "--config.training.plot_samples=0", "--device", "cpu"]
     assert main.main(args) == 0
     capsys.readouterr()
@@ -33,5 +33,5 @@ def test_notebook_example_runs(tmp_path, monkeypatch, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     found = re.fullmatch(r"1000 samples with NFE 35; (-?[\d.]+) bits/dim \(NFE (\d+)\)", line)
     assert found, line
-    # a 200-step MLP on the ring: bits/dim between the exact density's (about 1.3 per dim here) and a broad fit
+    # a 100-step MLP on the ring: bits/dim between the exact density's (about 1.3 per dim here) and a broad fit
     assert 0.5 < float(found.group(1)) < 4.0 and int(found.group(2)) > 0
