@@ -17,6 +17,7 @@ MODES = {
     "inpaint": "evaluation.controllable:run_inpaint",
     "colorize": "evaluation.controllable:run_colorize",
     "interpolate": "evaluation.controllable:run_interpolate",
+    "export": "evaluation.exports:run",
 }
 
 
@@ -24,9 +25,16 @@ class CLIError(Exception):
     """A problem with the command line, reported as one line."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one CLIError line (not usage text and SystemExit)."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `--config.KEY=VALUE` overrides are collected separately."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description="Score-based generative modeling through SDEs: train, sample, compute bits/dim.",
         epilog="Override any config value with --config.KEY=VALUE, e.g. --config.training.batch_size=64.")
     parser.add_argument("--mode", required=True, help=f"one of: {', '.join(MODES)}")
@@ -53,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask", default=None, help="inpainting mask (PNG / npz, 1 = known) or "
                         "left|right|top|bottom|center")
     parser.add_argument("--num_frames", type=int, default=None, help="interpolation frames (default 8)")
+    parser.add_argument("--allow_large", action="store_true", help="lift the sane upper bounds on budgets and "
+                        "counts (--nfe, numbers of samples, iterations; see validation.py)")
     return parser
 
 
@@ -112,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         get_device(config)  # an unknown or unavailable device fails here, in one line
         if args.solver is not None:
             check_solver(args.solver)
-        if args.nfe is not None and args.nfe <= 0:
-            raise CLIError(f"--nfe must be positive, got {args.nfe}")
-        if args.num_samples is not None and args.num_samples <= 0:
-            raise CLIError(f"--num_samples must be positive, got {args.num_samples}")
         if args.seed is not None:
             config.seed = args.seed
+        from sde_lib import get_sde
+        from validation import validate_run
+
+        validate_run(config, args, workdir, get_sde)  # flags, config, memory, output folders: before any work
         runner = load_runner(args.mode)
         code = runner(config, workdir, args)
     except (CLIError, UserError) as error:

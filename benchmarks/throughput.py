@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs  # noqa: E402
 import models  # noqa: E402
+from atomic_io import write_json  # noqa: E402
 from data.loaders import ImageStream  # noqa: E402
 from data.transforms import data_scale, get_data_scaler  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -383,8 +383,7 @@ def main(argv=None) -> int:
         return 2
     print(format_table(report))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_json(args.out, report, indent=1)
         print(f"wrote {args.out}")
     return 0
 

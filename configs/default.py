@@ -118,9 +118,28 @@ def get_default_config() -> ml_collections.ConfigDict:
     likelihood.split = "test"
     likelihood.num_batches = 0  # batches to evaluate (0 = the whole split; toys: toy_num_samples points)
     likelihood.toy_num_samples = 2000  # size of a toy split (fixed exact samples per seed and split)
+    # Evaluate the network as a continuous-time score for the PF-ODE whatever its training (the reference's
+    # likelihood code: get_score_fn(..., continuous=True)): a discrete VP model gets 999 t and the marginal std
+    # (the DDPM network's labels t (N - 1) are the same numbers for N = 1000); false keeps the step-wise
+    # discrete score (DDPM's std at labels.long(), SMLD's nearest level), whose ODE drift jumps at every step.
+    likelihood.continuous_score = True
     likelihood.ddpm_bound = False  # also the DDPM variational bound (discrete-time VP models only)
     likelihood.ddpm_variance = "fixedlarge"  # decoder/reverse variances: "fixedlarge" (beta_t) or "fixedsmall"
     likelihood.ddpm_num_terms = 0  # KL terms per image (0 = all N-1; K > 0 = unbiased estimate from K)
+
+    # image sample quality (evaluation/image_eval.py): FID, KID, IS with the standard FID Inception
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.inception_weights = ""  # a local weights file; "" = torch hub's cache (downloaded there when online)
+    ev.split = "train"  # data split of the reference statistics (--split overrides)
+    ev.reference_num_images = 0  # images of that split for the reference statistics (0 = all)
+    ev.stats_dir = ""  # where reference statistics are cached ("" = next to the data; see README)
+    ev.batch_size = 50  # images per Inception batch
+    ev.kid_subsets = 100  # KID: number of random subsets (Binkowski et al., 2018)
+    ev.kid_subset_size = 1000  # KID: rows per subset (fewer when a set is smaller)
+    ev.kid_reference_features = 10000  # reference pool features kept in the cache for KID
+    ev.isc_splits = 10  # Inception Score: number of parts (fewer when there are fewer samples)
+    ev.fid_every = 0  # training: FID/KID/IS every K steps and at the end (0 = off)
+    ev.fid_num_samples = 1000  # training: samples drawn for each of those evaluations
 
     # noise-conditional classifier p_t(c | x) for classifier guidance (`--mode train_classifier`)
     config.classifier = classifier = ml_collections.ConfigDict()

@@ -1,6 +1,11 @@
-"""CIFAR-10 from the official python-pickle folder (`cifar-10-batches-py`) or from npz parts with keys x, y."""
+"""CIFAR-10 from the official python-pickle folder (`cifar-10-batches-py`) or from npz parts with keys x, y.
+
+The pickles are read by `SafeUnpickler`, which only builds what those files contain (dicts, lists, bytes, str,
+int and numpy arrays); any other global (a function or class that could run code) is refused in one line.
+"""
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import pickle
@@ -9,6 +14,7 @@ import numpy as np
 
 from errors import UserError
 from data.images import check_uint8_images
+from validation import describe_read_error
 
 PICKLE_FILES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
 EXPECTED = ("expected a `cifar-10-batches-py` folder (data_batch_1..5, test_batch), a folder of npz parts "
@@ -16,13 +22,59 @@ EXPECTED = ("expected a `cifar-10-batches-py` folder (data_batch_1..5, test_batc
             "or a comma-separated list")
 
 
+def _numpy_global(module: str, name: str):
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+# The only globals a CIFAR-10 batch pickle refers to: numpy array reconstruction (Python 2 and 3 writers, numpy 1
+# and 2 module names, pickle protocols 2-5) and bytes from Python 3 protocol-2 writers. Dicts, lists, bytes,
+# str and int are built by pickle opcodes without any global.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_global("numpy._core.multiarray", "_reconstruct")
+    if hasattr(np, "_core") else _numpy_global("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_global("numpy._core.numeric", "_frombuffer")
+    if hasattr(np, "_core") else _numpy_global("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_global("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"): lambda: codecs.encode,
+}
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle refers to something other than the plain data of a CIFAR-10 batch."""
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain data and numpy arrays; any other global is refused (no code runs)."""
+
+    def find_class(self, module: str, name: str):
+        getter = _ALLOWED_GLOBALS.get((module, name))
+        if getter is None:
+            raise UnsafePickle(f"it refers to {module}.{name}, which a CIFAR-10 batch never contains")
+        return getter()
+
+
+def safe_pickle_load(handle) -> object:
+    """Unpickle a CIFAR-10 batch (Python 2 strings as bytes) with `SafeUnpickler`."""
+    return SafeUnpickler(handle, encoding="bytes").load()
+
+
 def _read_pickle_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = safe_pickle_load(handle)
+    except UnsafePickle as error:
+        raise UserError(f"CIFAR-10 batch {path!r} was refused: {error} (data files never run code)") from None
+    except Exception as error:  # a damaged pickle raises many types (IndexError, struct.error, ...)
+        raise UserError(f"CIFAR-10 batch {path!r} is not a CIFAR-10 python pickle "
+                        f"(expected a dict with b'data' (N, 3072) uint8 and b'labels'): "
+                        f"{type(error).__name__}: {str(error)[:120]}") from None
+    try:
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, IndexError) as error:
         raise UserError(f"CIFAR-10 batch {path!r} is not a CIFAR-10 python pickle "
                         f"(expected a dict with b'data' (N, 3072) uint8 and b'labels'): {error}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
@@ -40,8 +92,8 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
             x, y = archive["x"], archive["y"]
     except UserError:
         raise
-    except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"cannot read npz file {path!r}: {error}") from None
+    except Exception as error:  # numpy and zipfile raise many types for damaged files
+        raise UserError(f"cannot read npz file {path!r}: {describe_read_error(error)}") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
         raise UserError(f"npz file {path!r}: expected x of shape (N, 32, 32, 3) uint8, got {x.shape} {x.dtype}")
     if y.shape != (x.shape[0],):

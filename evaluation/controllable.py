@@ -2,8 +2,9 @@
 
 Inputs are PNG files (one image) or npz files (key `images`, `x` or `samples`, or the only array: uint8 0..255
 or float 0..1, NCHW or NHWC); masks are PNG / npz with 1 (or white) = known, 0 = missing, or the names
-`left`, `right`, `top`, `bottom`, `center`. Each mode writes an npz of results and a PNG grid
-(evaluation/figures.py) under `{workdir}/controllable/`.
+`left`, `right`, `top`, `bottom`, `center`. Each mode writes an npz of results, a JSON of facts and a PNG grid
+(evaluation/figures.py) under `{workdir}/controllable/`, atomically, named `{mode}[_seed{S}]_h<hash>` where the
+hash covers every setting of the result, the contents of the input files included (evaluation/outputs.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import os
 import numpy as np
 import torch
 
+from atomic_io import save_npz, write_json
 from errors import UserError
+from evaluation.outputs import file_digest, result_stem
+from validation import check_binary_mask, check_output_files, check_settings, describe_read_error
 from evaluation.progress import ProgressScore, nfe_bar
 
 GUIDANCE = ("none", "cfg", "classifier")
@@ -74,7 +78,11 @@ def guided_score_fn(config, workdir: str, device: torch.device, args):
 
 
 # --- inputs and masks -----------------------------------------------------------------------------------------
-def _require_images(config, mode: str) -> tuple[int, int]:
+def _require_images(config, mode: str, args=None) -> tuple[int, int]:
+    if args is not None:
+        from sde_lib import get_sde
+
+        check_settings(config, args, mode, get_sde)  # also when called without main.py
     if config.data.get("kind", "toy") != "image":
         raise UserError(f"--mode {mode} works on image data (e.g. --config vp_digits); "
                         f"{config.data.dataset!r} is not an image data set")
@@ -102,8 +110,8 @@ def _read_array(path: str, what: str) -> np.ndarray:
             return np.asarray(matplotlib.image.imread(path))
     except UserError:
         raise
-    except (OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"cannot read {what} {path!r}: {error}") from None
+    except Exception as error:  # numpy, zipfile and PIL raise many types for damaged files
+        raise UserError(f"cannot read {what} {path!r}: {describe_read_error(error)}") from None
     raise UserError(f"{what} {path!r}: expected a .png or .npz file")
 
 
@@ -123,6 +131,8 @@ def _to_unit_nchw(array: np.ndarray, channels: int, size: int, what: str, path: 
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4:
         raise UserError(f"{what} {path!r} has shape {array.shape}; expected images (N, C, H, W) or (H, W[, C])")
+    if x.shape[0] == 0:
+        raise UserError(f"{what} {path!r} holds no images (shape {array.shape})")
     if x.shape[1] == 4:
         x = x[:, :3]  # drop alpha
     if x.shape[1] == 3 and channels == 1:
@@ -169,13 +179,13 @@ def load_mask(config, spec: str | None) -> torch.Tensor:
         raise UserError("--mode inpaint needs --mask (a PNG / npz file, or one of: " + ", ".join(NAMED_MASKS) + ")")
     if spec in NAMED_MASKS or not (os.path.isfile(spec) or spec.lower().endswith((".png", ".npz"))):
         return named_mask(spec, channels, size)  # a name (or an unknown one: the error lists the names)
-    raw = _read_array(spec, "--mask")
-    array = raw.astype(np.float32)
-    if raw.dtype == np.uint8 or array.max() > 1:
-        array = array / 255.0
+    array = check_binary_mask(_read_array(spec, "--mask"), spec)  # exactly 0 / 1 (uint8 0 / 255); NaN refused
     if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] not in (1, 3):
-        array = array[..., :3].mean(-1)  # an RGB(A) PNG: white = known
-    mask = torch.from_numpy((array > 0.5).astype(np.float32))
+        array = array[..., :3]  # an RGB(A) PNG: white = known, every color channel must agree
+        if (array != array[..., :1]).any():
+            raise UserError(f"--mask {spec!r} is a color image; use black (missing) and white (known) only")
+        array = array[..., 0]
+    mask = torch.from_numpy(array.astype(np.float32))
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3 or mask.shape[0] not in (1, channels) or mask.shape[1:] != (size, size):
@@ -232,22 +242,34 @@ def _pc_label(options: dict) -> str:
     return f"PC {options['predictor']}+{options['corrector']}"
 
 
-def _save(workdir: str, name: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict,
+def _output_stem(workdir: str, name: str, settings: dict) -> str:
+    """The path stem of a mode's outputs (name + hash of the settings), checked writable before any work."""
+    stem = os.path.join(workdir, "controllable", result_stem(name, settings, None))
+    check_output_files([stem + ext for ext in (".png", ".npz", ".json")])
+    return stem
+
+
+def _input_settings(args, *names: str) -> dict:
+    """The input files (and mask) of a mode as settings: the path and a digest of the contents."""
+    out = {}
+    for name in names:
+        value = getattr(args, name, None)
+        out[name] = value if value is None else {"path": os.path.basename(str(value)),
+                                                 "sha256": file_digest(str(value))}
+    return out
+
+
+def _save(stem: str, panels: list[torch.Tensor], results: np.ndarray, facts: dict,
           title: str = "", labels: list[str] | None = None) -> str:
     """Grid with one row per input and the panels side by side (titled, columns labelled); npz of results;
     JSON facts. Returns the PNG path."""
-    from atomic_io import save_npz, write_json
     from evaluation.figures import save_image_grid
 
-    folder = os.path.join(workdir, "controllable")
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, name)
     tiles = torch.stack([p.clamp(0, 1).float() for p in panels], dim=1)  # (N, panels, C, H, W)
-    png = save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels), title=title,
-                          col_labels=labels)
     save_npz(stem + ".npz", results=results)
     write_json(stem + ".json", facts)
-    return png
+    return save_image_grid(stem + ".png", tiles.reshape(-1, *tiles.shape[2:]), nrow=len(panels), title=title,
+                           col_labels=labels)
 
 
 def _generator(config, device):
@@ -263,13 +285,15 @@ def run_inpaint(config, workdir: str, args) -> int:
     from data.transforms import get_data_inverse_scaler, get_data_scaler
     from solvers.inpainting import check_mask, inpaint
 
-    _require_images(config, "inpaint")
+    _require_images(config, "inpaint", args)
     images = load_images(config, getattr(args, "input", None))
     mask = load_mask(config, getattr(args, "mask", None))
+    options = _pc_options(config, args, "inpaint")
+    settings = {**_input_settings(args, "input", "mask"), **options, "seed": int(config.seed)}
+    stem = _output_stem(workdir, f"inpaint_seed{config.seed}", settings)
     device, sde, score_fn, step = _setup(config, workdir)
     x0 = get_data_scaler(config)(images).to(device)
     mask = check_mask(mask, x0)
-    options = _pc_options(config, args, "inpaint")
     with nfe_bar(options["nfe"], f"inpaint ({_pc_label(options)}, NFE budget {options['nfe']})") as bar:
         out, used = inpaint(sde, ProgressScore(score_fn, bar), x0, mask, generator=_generator(config, device),
                             **options)
@@ -277,8 +301,8 @@ def run_inpaint(config, workdir: str, args) -> int:
     shown = images * mask.cpu() + 0.5 * (1 - mask.cpu())  # missing pixels in gray
     facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used,
              "nfe_budget": options["nfe"], "checkpoint_step": step, "seed": int(config.seed),
-             **{k: v for k, v in options.items() if k != "nfe"}}
-    png = _save(workdir, f"inpaint_seed{config.seed}", [images, shown, result], _uint8(result), facts,
+             **{k: v for k, v in options.items() if k != "nfe"}, "settings": settings}
+    png = _save(stem, [images, shown, result], _uint8(result), facts,
                 f"inpaint, {_pc_label(options)}, NFE {used}, step {step}", ["input", "known", "result"])
     print(f"inpainted {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
           f"-> {png}")
@@ -290,20 +314,23 @@ def run_colorize(config, workdir: str, args) -> int:
     from data.transforms import get_data_inverse_scaler, get_data_scaler
     from solvers.inpainting import colorize
 
-    channels, _ = _require_images(config, "colorize")
+    channels, _ = _require_images(config, "colorize", args)
     if channels != 3:
         raise UserError(f"--mode colorize needs an RGB model (data.num_channels = 3), got {channels} channel(s)")
     images = load_images(config, getattr(args, "input", None))
+    options = _pc_options(config, args, "colorize")
+    settings = {**_input_settings(args, "input"), **options, "seed": int(config.seed)}
+    stem = _output_stem(workdir, f"colorize_seed{config.seed}", settings)
     device, sde, score_fn, step = _setup(config, workdir)
     gray = images.mean(dim=1, keepdim=True)
-    options = _pc_options(config, args, "colorize")
     with nfe_bar(options["nfe"], f"colorize ({_pc_label(options)}, NFE budget {options['nfe']})") as bar:
         out, used = colorize(sde, ProgressScore(score_fn, bar), get_data_scaler(config)(gray).to(device),
                              generator=_generator(config, device), **options)
     result = get_data_inverse_scaler(config)(out.float().cpu()).clamp(0, 1)
     facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "nfe_budget": options["nfe"],
-             "checkpoint_step": step, "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"}}
-    png = _save(workdir, f"colorize_seed{config.seed}", [images, gray.expand_as(images), result], _uint8(result),
+             "checkpoint_step": step, "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"},
+             "settings": settings}
+    png = _save(stem, [images, gray.expand_as(images), result], _uint8(result),
                 facts, f"colorize, {_pc_label(options)}, NFE {used}, step {step}", ["input", "gray", "result"])
     print(f"colorized {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
           f"-> {png}")
@@ -315,15 +342,20 @@ def run_interpolate(config, workdir: str, args) -> int:
     from data.transforms import get_data_inverse_scaler, get_data_scaler
     from solvers.interpolation import interpolate
 
-    _require_images(config, "interpolate")
+    _require_images(config, "interpolate", args)
     first = load_images(config, getattr(args, "input", None), "--input")
     second = load_images(config, getattr(args, "input2", None), "--input2")
     if first.shape != second.shape:
         raise UserError(f"--input and --input2 must hold the same number of images, got {len(first)} and {len(second)}")
-    num_frames = int(getattr(args, "num_frames", None) or 8)
+    num_frames = 8 if getattr(args, "num_frames", None) is None else int(args.num_frames)
+    if num_frames < 2:
+        raise UserError(f"--num_frames must be at least 2 (the two end points), got {num_frames}")
+    solver, options = _ode_options(config, args)
+    settings = {**_input_settings(args, "input", "input2"), "num_frames": num_frames,
+                "eps": float(config.sampling.eps), "solver": solver, **options}
+    stem = _output_stem(workdir, "interpolate", settings)
     device, sde, score_fn, step = _setup(config, workdir)
     scaler = get_data_scaler(config)
-    solver, options = _ode_options(config, args)
     budget = 2 * options["nfe"] if "nfe" in options else None  # encode + decode
     what = f"{options['method']}" + (f", NFE budget {budget}" if budget else f", rtol {options['rtol']:g}")
     with nfe_bar(budget, f"interpolate (PF-ODE {what})") as bar:
@@ -333,9 +365,10 @@ def run_interpolate(config, workdir: str, args) -> int:
     frames = get_data_inverse_scaler(config)(frames.float().cpu()).clamp(0, 1)  # (F, N, C, H, W)
     panels = [first] + [frames[k] for k in range(num_frames)] + [second]
     facts = {"mode": "interpolate", "input": args.input, "input2": args.input2, "num_frames": num_frames,
-             "solver": solver, "nfe_used": used, "nfe_budget": budget, "checkpoint_step": step, **options}
+             "solver": solver, "nfe_used": used, "nfe_budget": budget, "checkpoint_step": step, **options,
+             "settings": settings}
     labels = ["input"] + [f"a={k / (num_frames - 1):.2f}" for k in range(num_frames)] + ["input2"]
-    png = _save(workdir, "interpolate", panels, _uint8(frames), facts,
+    png = _save(stem, panels, _uint8(frames), facts,
                 f"PF-ODE interpolation ({options['method']}), NFE {used}, step {step}", labels)
     print(f"interpolated {len(first)} pair(s) in {num_frames} frames with the PF-ODE ({options['method']}), NFE {used}"
           + (f" of budget {budget}" if budget else "") + f" -> {png}")

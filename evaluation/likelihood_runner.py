@@ -3,27 +3,47 @@
 Images: uniformly dequantized 8-bit data, bits/dim with the scaling log-determinant and 8-bit offset
 (see likelihood/bpd.py). Toys: exact samples of the toy distribution (a fixed set per split and seed),
 reported in nats/dim and bits/dim without dequantization; for the analytic mixtures the exact
--log p_eps of the same points is reported next to it. The report is printed and written as JSON to
-`likelihood_{split}.json` in the checkpoint folder.
+-log p_eps of the same points is reported next to it. The report is printed and written atomically as JSON to
+`WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`, one file per setting: the hash appears when a setting
+that changes the result (config.likelihood, --num_batches, seed) differs from the config's defaults
+(evaluation/outputs.py); the settings are recorded in the report.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 import torch
 
+from atomic_io import write_json
 from errors import UserError
+from evaluation.outputs import default_config, result_stem
 from evaluation.progress import ProgressScore, nfe_bar
 from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
                         nats_per_dim, nats_to_bits)
-from sde_lib import VPSDE, subVPSDE
+from sde_lib import VPSDE, get_sde, subVPSDE
 from training import distributed
+from validation import check_output_files, check_settings
 
 SPLITS = ("train", "test")
 _SPLIT_SALT = {"train": 0x7A, "test": 0x7E}  # toy splits: disjoint seeds, never the training stream's
+
+
+def likelihood_continuous(config) -> bool:
+    """Whether the PF-ODE sees the network as a continuous-time score: always for continuously trained models,
+    and for discrete ones unless likelihood.continuous_score is false (the reference protocol evaluates every
+    model with continuous=True)."""
+    return bool(config.training.continuous) or bool(config.likelihood.get("continuous_score", True))
+
+
+def likelihood_score_fns(config, sde, model):
+    """(score_fn for the PF-ODE, score_fn for the DDPM bound) of a network: the first as `likelihood_continuous`
+    says; the bound is a sum over the discrete chain, so it uses the step-wise score of discrete training."""
+    import models
+
+    return (models.get_score_fn(sde, model, continuous=likelihood_continuous(config)),
+            models.get_score_fn(sde, model, continuous=bool(config.training.continuous)))
 
 
 def _likelihood_options(config) -> dict:
@@ -94,8 +114,11 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
 
 
 def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device: torch.device,
-                    progress: bool = True) -> dict:
-    """Bits/dim of dequantized 8-bit images (mean and standard error over images), mean NFE, images/s."""
+                    progress: bool = True, bound_score_fn=None) -> dict:
+    """Bits/dim of dequantized 8-bit images (mean and standard error over images), mean NFE, images/s.
+
+    `bound_score_fn` (default `score_fn`) is the discrete-time score the DDPM bound uses (likelihood.ddpm_bound).
+    """
     from data.loaders import load_image_dataset
     from data.transforms import data_scale
 
@@ -108,7 +131,7 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     bpds, nfes, bounds = {}, {}, {}
     with_bound = bool(config.likelihood.get("ddpm_bound", False))
     if with_bound:
-        eps_fn = _ddpm_eps_fn(config, sde, score_fn)
+        eps_fn = _ddpm_eps_fn(config, sde, score_fn if bound_score_fn is None else bound_score_fn)
     start_time = time.perf_counter()
     info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
     mine = distributed.my_share(len(ranges), info)
@@ -158,16 +181,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(config, sde, score_fn, split: str, num_batches: int, device: torch.device, progress: bool = True) -> dict:
-    """The likelihood report of `score_fn` on a split of config.data (toy or image)."""
+def evaluate(config, sde, score_fn, split: str, num_batches: int, device: torch.device, progress: bool = True,
+             bound_score_fn=None) -> dict:
+    """The likelihood report of `score_fn` on a split of config.data (toy or image); `bound_score_fn`: see
+    `evaluate_images`."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if num_batches < 0:
         raise UserError(f"the number of batches must be >= 0 (0 = whole split), got {num_batches}")
     if int(config.likelihood.batch_size) < 1:
         raise UserError(f"likelihood.batch_size must be >= 1, got {config.likelihood.batch_size}")
-    evaluate_fn = evaluate_images if str(config.data.kind) == "image" else evaluate_toy
-    report = evaluate_fn(config, sde, score_fn, split, num_batches, device, progress)
+    if str(config.data.kind) == "image":
+        report = evaluate_images(config, sde, score_fn, split, num_batches, device, progress, bound_score_fn)
+    else:
+        report = evaluate_toy(config, sde, score_fn, split, num_batches, device, progress)
     report.update(split=split, dataset=str(config.data.dataset), sde=str(config.sde.name),
                   device=str(device), **_likelihood_options(config))
     return report
@@ -190,9 +217,28 @@ def format_report(report: dict) -> str:
                    f"batch){total}, {rate:.2f} {'images' if report['dequantized'] else 'samples'}/s")
 
 
+def likelihood_settings(config, num_batches: int) -> dict:
+    """Every setting that changes a likelihood report (besides the split, which is in the file name)."""
+    lk = config.likelihood
+    return {**_likelihood_options(config), "seed": int(config.seed), "num_batches": int(num_batches),
+            "batch_size": int(lk.batch_size), "num_dequant": int(lk.num_dequant),
+            "toy_num_samples": int(lk.toy_num_samples), "ddpm_bound": bool(lk.get("ddpm_bound", False)),
+            "ddpm_variance": str(lk.get("ddpm_variance", "")), "ddpm_num_terms": int(lk.get("ddpm_num_terms", 0))}
+
+
+def results_path(config, workdir: str, split: str, args) -> tuple[str, dict]:
+    """(path, settings) of the likelihood report of a run: `WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`."""
+    num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
+    settings = likelihood_settings(config, num_batches)
+    defaults = default_config(args, workdir)
+    default_settings = (None if defaults is None
+                        else likelihood_settings(defaults, int(defaults.likelihood.num_batches)))
+    stem = result_stem(f"likelihood_{split}", settings, default_settings)
+    return os.path.join(workdir, "likelihood", stem + ".json"), settings
+
+
 def run(config, workdir: str, args) -> int:
     """Entry point of `main.py --mode likelihood`."""
-    from training.checkpoint import checkpoint_dir
     from training.device import get_device
 
     split = args.split or str(config.likelihood.split)
@@ -200,6 +246,9 @@ def run(config, workdir: str, args) -> int:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if args.num_batches is not None and args.num_batches <= 0:
         raise UserError(f"--num_batches must be positive, got {args.num_batches}")
+    check_settings(config, args, "likelihood", get_sde)  # also when called without main.py
+    path, settings = results_path(config, workdir, split, args)
+    check_output_files([path])  # before the work, not after
     group = distributed.setup(get_device(config))  # `torchrun --nproc_per_node=K`: the batches are shared
     try:
         device = distributed.local_device(get_device(config), group)
@@ -209,10 +258,9 @@ def run(config, workdir: str, args) -> int:
     if not group.is_main:
         return 0
     report["step"] = step
+    report["settings"] = settings
     print(format_report(report))
-    path = os.path.join(checkpoint_dir(workdir), f"likelihood_{split}.json")
-    with open(path, "w") as handle:
-        json.dump(report, handle, indent=2, sort_keys=True)
+    write_json(path, report, sort_keys=True)
     print(f"wrote {path}")
     return 0
 
@@ -223,7 +271,10 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) 
     from training.device import strict_float32
 
     run = load_run(workdir, device, config=config)  # parameters frozen: the divergence needs grads w.r.t. x only
-    sde, score_fn, step = run.sde, run.score_fn, run.step
+    sde, step = run.sde, run.step
+    score_fn, bound_score_fn = likelihood_score_fns(config, sde, run.model)
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
-        return evaluate(config, sde, score_fn, split, num_batches, device), step
+        report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn)
+    report["score"] = "continuous" if likelihood_continuous(config) else "discrete"
+    return report, step

@@ -1,8 +1,10 @@
 """`--mode sample`: draw samples from the EMA weights of a run's latest checkpoint with any registered solver.
 
-Writes `samples/samples_{solver}_nfe{K}_seed{S}.npz` (key `samples`, in data space: float vectors for toys,
-uint8 NCHW images for image data), a JSON with the run's facts beside it and a PNG (scatter plot for 2-D
-data, image grid for images).
+Writes `samples/samples_{solver}_nfe{K}_seed{S}[_class...][_h<hash>].npz` (key `samples`, in data space: float
+vectors for toys, uint8 NCHW images for image data), a JSON with the run's facts and settings beside it and a PNG
+(scatter plot for 2-D data, image grid for images). The hash appears when other settings that change the samples
+(num_samples, batch_size, eps, sampler options) differ from the config's defaults (evaluation/outputs.py).
+Every file is written atomically (atomic_io).
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 
 from atomic_io import save_npz, write_json
 from errors import UserError
+from evaluation.outputs import default_config, result_stem
 from training import distributed
+from validation import check_output_files, check_settings
 
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
@@ -131,9 +135,7 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
     """
     from training.device import get_device
 
-    solver = getattr(args, "solver", None) or str(config.sampling.solver)
-    nfe = getattr(args, "nfe", None) or int(config.sampling.nfe)
-    num_samples = getattr(args, "num_samples", None) or int(config.sampling.num_samples)
+    solver, nfe, num_samples = _requested(config, args)
     seed = int(config.seed)
     device = get_device(config)
     if (getattr(args, "class_label", None) is None and getattr(args, "guidance", None) in (None, "none")
@@ -159,6 +161,40 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
     return to_data_space(config, x), facts
 
 
+def sampling_settings(config, solver: str, num_samples: int) -> dict:
+    """The settings beyond solver, NFE, seed and guidance that change the samples."""
+    return {"num_samples": int(num_samples), "batch_size": int(config.sampling.batch_size),
+            "eps": float(config.sampling.eps), **sampler_options(config, solver)}
+
+
+def _requested(config, args) -> tuple[str, int, int]:
+    solver = getattr(args, "solver", None) or str(config.sampling.solver)
+    nfe = getattr(args, "nfe", None) or int(config.sampling.nfe)
+    num_samples = getattr(args, "num_samples", None) or int(config.sampling.num_samples)
+    return solver, nfe, num_samples
+
+
+def output_stem(config, args, workdir: str, kind: str = "samples") -> tuple[str, dict]:
+    """(path stem, settings) of the result files of a sampling run (`kind`: samples or eval) under
+    `workdir/kind/`; see the module docstring."""
+    from solvers import available_solvers
+
+    solver, nfe, num_samples = _requested(config, args)
+    if solver not in available_solvers():
+        raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
+    stem = f"{kind}_{solver}_nfe{nfe}_seed{int(config.seed)}"
+    label, guidance = getattr(args, "class_label", None), str(getattr(args, "guidance", None) or "none")
+    if label is not None:
+        scale = getattr(args, "guidance_scale", None)
+        stem += f"_class{label}" + (f"_{guidance}{1.0 if scale is None else float(scale):g}"
+                                    if guidance != "none" else "")
+    settings = sampling_settings(config, solver, num_samples)
+    defaults = default_config(args, workdir)
+    default_settings = (None if defaults is None
+                        else sampling_settings(defaults, solver, int(defaults.sampling.num_samples)))
+    return os.path.join(workdir, kind, result_stem(stem, settings, default_settings)), settings
+
+
 def run(config, workdir: str, args) -> int:
     """Sample with args.solver/nfe/num_samples (or config.sampling's) and write npz + JSON + PNG.
 
@@ -166,6 +202,11 @@ def run(config, workdir: str, args) -> int:
     """
     from training.device import get_device
 
+    from sde_lib import get_sde
+
+    check_settings(config, args, "sample", get_sde)  # also when called without main.py
+    stem, settings = output_stem(config, args, workdir, "samples")
+    check_output_files([stem + ext for ext in (".npz", ".json", ".png")])  # before the work, not after
     group = distributed.setup(get_device(config))
     if group.world_size > 1 and get_device(config).type == "cuda":
         config.device = str(distributed.local_device(get_device(config), group))  # cuda:LOCAL_RANK
@@ -178,15 +219,16 @@ def run(config, workdir: str, args) -> int:
     if not np.isfinite(samples.astype(np.float64)).all():
         print(f"warning: {int((~np.isfinite(samples)).sum())} non-finite values in the samples")
     info["layout"] = "uint8 NCHW" if config.data.get("kind", "toy") == "image" else "float32 (N, dim)"
-    folder = os.path.join(workdir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, f"samples_{info['solver']}_nfe{info['nfe_requested']}_seed{info['seed']}")
-    if info.get("class_label") is not None:
-        scale = f"{info['guidance_scale']:g}" if info.get("guidance_scale") is not None else ""
-        stem += f"_class{info['class_label']}" + (f"_{info['guidance']}{scale}" if info["guidance"] != "none" else "")
+    info["settings"] = settings
     save_npz(stem + ".npz", samples=samples)
     write_json(stem + ".json", info)
     figure = save_figure(config, stem + ".png", samples, figure_title(info))
+    if config.data.get("kind", "toy") == "image":  # the layouts external FID tools read
+        from evaluation.exports import save_nhwc_npz, save_png_folder
+
+        save_nhwc_npz(stem + "_nhwc.npz", samples)
+        save_png_folder(stem + "_png", samples)
+        figure = (figure + ", " if figure else "") + f"{stem}_nhwc.npz (arr_0), {stem}_png/"
     print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} used of a budget of "
           f"{info['nfe_requested']} per batch) in {info['seconds']:.1f} s ({info['samples_per_second']:.2f} samples/s)"
           f" -> {stem}.npz" + (f", {figure}" if figure else ""))

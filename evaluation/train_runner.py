@@ -88,11 +88,22 @@ def build_callbacks(config, progress: bool = True) -> list:
     callbacks = []
     if int(config.training.get("plot_samples", 2000)) > 0:
         callbacks.append(SampleFigureCallback(config, int(config.training.get("sample_every", 0) or 0), progress))
+    if config.data.kind == "image" and int(config.eval.get("fid_every", 0) or 0) > 0:  # FID/KID/IS (issue 14)
+        from evaluation.image_eval import ImageMetricsCallback
+
+        callbacks.append(ImageMetricsCallback(config, int(config.eval.fid_every), int(config.eval.fid_num_samples)))
     return callbacks
 
 
 def run(config, workdir: str, args) -> int:
     """Train the model of `config` in `workdir` (resuming from its checkpoint if there is one) and report."""
+    from sde_lib import get_sde
+    from training.checkpoint import checkpoint_path
+    from validation import check_output_files, check_settings
+
+    check_settings(config, args, "train", get_sde)  # also when called without main.py
+    check_output_files([checkpoint_path(workdir), os.path.join(workdir, "config.json"),
+                        os.path.join(workdir, "train_summary.json")])  # before hours of training, not after
     progress = bool(config.training.get("progress", True))
     callbacks = build_callbacks(config, progress)
     result = train(config, workdir, callbacks=callbacks)
@@ -106,6 +117,11 @@ def run(config, workdir: str, args) -> int:
             if isinstance(callback, SampleFigureCallback) and callback.path:
                 extra = f", sliced W2 to data {callback.sw2:.4f}" if callback.sw2 is not None else ""
                 print(f"[train] samples: {callback.path} (sampling {callback.seconds:.1f} s{extra})")
+            if getattr(callback, "last", None):
+                from evaluation.image_eval import format_metrics
+
+                print(f"[train] step {callback.last['step']}: {format_metrics(callback.last)}, "
+                      f"{callback.last['solver']} NFE {callback.last['nfe_used']}")
         if result.callback_seconds > 0:
             print(f"[train] evaluation callbacks: {result.callback_seconds:.1f} s in total (not in the training rate)")
     return 0

@@ -70,7 +70,7 @@ def eps_fn_from_score(sde: VPSDE, score_fn: ScoreFn) -> EpsFn:
     schedule = DDPMSchedule(sde)
 
     def eps_fn(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        t = i.to(x.dtype) * sde.T / (sde.N - 1)
+        t = sde.step_time(i, x.dtype)  # label t (N - 1) truncates to i, so the score's std is std_i
         std = torch.sqrt(1.0 - schedule.abar.to(x.device)[i + 1]).to(x.dtype)
         return -broadcast_to(std, x) * score_fn(x, t)
 

@@ -38,8 +38,22 @@ def discrete_vp_std(sde: VPSDE, index: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.sqrt(1.0 - alphas_cumprod)[index].to(dtype)
 
 
+def discrete_ve_index(sde: VESDE, t: torch.Tensor) -> torch.Tensor:
+    """The reference's noise-level index round((T - t)(N - 1)) (0 = sigma_max), half to even as torch.round."""
+    return torch.round((sde.T - t) * (sde.N - 1)).long().clamp(0, sde.N - 1)
+
+
+def discrete_vp_index(sde: VPSDE, labels: torch.Tensor) -> torch.Tensor:
+    """The reference's DDPM step index of the label t (N - 1): `labels.long()`, truncation toward zero."""
+    return labels.long().clamp(0, sde.N - 1)
+
+
 def noise_labels(sde: SDE, t: torch.Tensor, x: torch.Tensor, continuous: bool = True) -> torch.Tensor:
-    """The conditioning input the network gets at time t: 999 t / step index (VP, sub-VP), sigma (VE)."""
+    """The conditioning input the network gets at time t: 999 t / t (N-1) (VP, sub-VP), sigma (VE).
+
+    Discrete VE (Song et al.'s `get_score_fn`): index i = round((T - t)(N - 1)) into the descending table
+    sigma_max .. sigma_min, i.e. SMLD's ascending sigma_{N-1-i}; our network gets that sigma.
+    """
     t = _time(t, x)
     if isinstance(sde, VPSDE):
         if continuous or isinstance(sde, subVPSDE):
@@ -48,7 +62,8 @@ def noise_labels(sde: SDE, t: torch.Tensor, x: torch.Tensor, continuous: bool = 
     if isinstance(sde, VESDE):
         if continuous:
             return sde.sigma(t)
-        return sde.discrete_sigmas(sde.discrete_index(t, x).to(t.dtype))
+        level = (sde.N - 1) - discrete_ve_index(sde, t)  # ascending index of the same noise level
+        return sde.discrete_sigmas(level.to(torch.float64)).to(t.dtype)
     raise UserError(f"get_score_fn supports VPSDE, subVPSDE and VESDE, got {type(sde).__name__}")
 
 
@@ -57,10 +72,11 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True) -> ScoreFn
 
     VP / sub-VP: the network predicts the noise eps in x(t) = alpha(t) x(0) + std(t) eps, so the score
     is -eps_theta / std(t) (Song et al., 2021, app. C). Continuous: labels 999 t and std = marginal std;
-    discrete (continuous=False, VP only): labels = t (N-1) (the step index on the grid) and std = DDPM's sqrt(1 - alpha_bar_i).
+    discrete (continuous=False, VP only): labels = t (N-1) and std = DDPM's sqrt(1 - alpha_bar_i) at
+    i = labels.long() (truncation, as the reference's `sqrt_1m_alphas_cumprod[labels.long()]`).
     sub-VP has no discrete chain and always uses the continuous convention.
     VE: the network output is the score itself (it divides by sigma internally when configured);
-    labels are sigma(t) (continuous) or SMLD's sigma_i at the step index (discrete).
+    labels are sigma(t) (continuous) or the reference's discrete noise level (see `noise_labels`).
     The score has x's dtype, whatever precision the network ran in (e.g. bf16 autocast).
     """
     if not isinstance(sde, (VPSDE, VESDE)):
@@ -72,8 +88,8 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True) -> ScoreFn
         def vp_score_fn(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
             t = _time(t, x)
             if discrete:
-                labels = t * (sde.N - 1)  # equals the step index i on the grid t = i / (N-1)
-                std = discrete_vp_std(sde, sde.discrete_index(t, x), t.dtype)
+                labels = t * (sde.N - 1)  # the step position, unrounded, as in the reference
+                std = discrete_vp_std(sde, discrete_vp_index(sde, labels), t.dtype)
             else:
                 labels, std = t * VP_LABEL_SCALE, sde.marginal_std(t)
             out = model(x, labels)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic_io import write_json  # noqa: E402
 from data import GaussianMixture  # noqa: E402
 from likelihood import bits_per_dim, joint_rms_norm, mean_and_stderr  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
@@ -48,7 +48,7 @@ def load_images(name: str, num: int) -> np.ndarray:
 
         return load_digits_uint8()[0][-num:]  # the last images: a held-out-style slice
     path = os.environ.get("CIFAR10_NPZ", "/work/shared/data/cifar10/test.npz")
-    with np.load(path) as archive:
+    with np.load(path, allow_pickle=False) as archive:
         return np.ascontiguousarray(archive["x"][:num].transpose(0, 3, 1, 2))
 
 
@@ -190,8 +190,7 @@ def main() -> None:
         results["exact_bits_per_dim"] = mean
         print(f"exact (closed-form density at eps): {mean:.4f} ± {stderr:.4f} bits/dim")
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

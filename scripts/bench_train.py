@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs  # noqa: E402
+from atomic_io import save_npz  # noqa: E402
 from training.device import get_device  # noqa: E402
 from training.trainer import train  # noqa: E402
 
@@ -28,7 +29,7 @@ def synthetic_cifar(folder: str, n: int = 4096) -> str:
     """Random uint8 images in the npz layout of the CIFAR-10 loader (for timing only)."""
     rng = np.random.default_rng(0)
     path = os.path.join(folder, "train_synthetic.npz")
-    np.savez(path, x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, n))
+    save_npz(path, compressed=False, x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, n))
     return path
 
 

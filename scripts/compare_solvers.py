@@ -1,19 +1,25 @@
-"""Sample quality against NFE for every solver, on an exact analytic target or a trained toy checkpoint.
+"""Sample quality against NFE for every solver, on an exact analytic target or a trained checkpoint.
 
     python scripts/compare_solvers.py                       # mix64 under the VP SDE, exact score
     python scripts/compare_solvers.py --target ring2d --sde ve
     python scripts/compare_solvers.py --config vp_toy --workdir runs/vp_toy   # a trained model
+    python scripts/compare_solvers.py --workdir runs/digits --nfe 20,50 --num_samples 500   # images: FID/KID/IS
 
 Fixed-step solvers get each NFE budget; adaptive ones (those taking `rtol`) get a sweep of tolerances and
 report the NFE they used. Quality: sliced Wasserstein-2 distance to exact samples (its noise floor is the
 distance between two exact sample sets of the same size), mode-weight TV error and mean log-density gap
-E_true[log p] - E_samples[log p] (mixtures only). Writes CSV, markdown and a PNG plot to --out.
+E_true[log p] - E_samples[log p] (mixtures only). Image checkpoints: FID, KID and Inception Score with the
+standard FID Inception against the reference statistics of --split (evaluation/image_eval.py); the floor is
+the same metrics of --num_samples data images of that split. Without the Inception weights an image run stops
+with the line saying how to get them (bits/dim: main.py --mode likelihood). Writes CSV, markdown and a PNG
+plot to --out.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import inspect
+import io
 import math
 import os
 import platform
@@ -24,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atomic_io import save_figure  # noqa: E402
+from atomic_io import save_figure, write_text  # noqa: E402
 from errors import UserError  # noqa: E402
 from evaluation.metrics import mixture_report  # noqa: E402
 from solvers import SAMPLERS, available_solvers, sample  # noqa: E402
@@ -33,6 +39,9 @@ DEFAULT_BUDGETS = (10, 20, 50, 100, 250, 1000)
 # Adaptive solvers: tolerance settings instead of budgets (rtol = atol for the ODE solvers; rtol for `adaptive`).
 TOLERANCES = {"ode": (1e-2, 1e-3, 1e-4, 1e-5), "ode_scipy": (1e-3, 1e-5), "adaptive": (0.1, 0.05, 0.02, 0.01)}
 METRICS = ("sw2", "mode_tv", "logp_gap")
+IMAGE_METRICS = ("fid", "kid", "inception_score")
+NAMES = {"sw2": "SW-2 to exact samples", "mode_tv": "mode-weight TV", "logp_gap": "mean log-density gap",
+         "fid": "FID", "kid": "KID", "inception_score": "Inception Score"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nfe", default=",".join(map(str, DEFAULT_BUDGETS)), help="comma-separated budgets")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default=None, help="images: reference split for FID/KID (default eval.split)")
+    parser.add_argument("--inception_weights", default=None, help="images: local Inception weights file "
+                        "(default: eval.inception_weights, else torch hub's cache)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/solver_comparison", help="output prefix (.csv, .md, .png)")
     return parser.parse_args(argv)
@@ -92,17 +104,17 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.2e}"
 
 
-def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budgets) -> None:
+def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budgets, metrics=METRICS) -> None:
     """Pivot tables (solver x budget) per metric, adaptive solvers' rows, and the noise floor."""
     fixed = [r for r in rows if r["setting"].startswith("nfe=")]
     adaptive = [r for r in rows if not r["setting"].startswith("nfe=")]
     solvers = list(dict.fromkeys(r["solver"] for r in fixed if r["nfe_used"] is not None))
     lines = [header, ""]
-    names = {"sw2": "SW-2 to exact samples", "mode_tv": "mode-weight TV", "logp_gap": "mean log-density gap"}
-    for metric in METRICS:
+    names = NAMES
+    for metric in metrics:
         if all(r.get(metric) is None for r in rows):
             continue
-        noise = f"noise floor {_fmt(floor.get(metric))}"
+        noise = f"{'data images' if metric in IMAGE_METRICS else 'noise floor'} {_fmt(floor.get(metric))}"
         if metric == "logp_gap" and "logp_gap_se" in floor:
             noise += f", standard error of the gap from exact samples {_fmt(floor['logp_gap_se'])}"
         lines += [f"#### {names[metric]} ({noise}); cells: value (NFE used)", ""]
@@ -121,28 +133,27 @@ def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budget
         lines.append("")
     if adaptive:
         lines += ["#### Adaptive solvers (tolerance sweep)", "",
-                  "| solver | setting | NFE used | " + " | ".join(names[m] for m in METRICS) + " | seconds |",
-                  "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+                  "| solver | setting | NFE used | " + " | ".join(names[m] for m in metrics) + " | seconds |",
+                  "|---|---|---|" + "---|" * len(metrics) + "---|"]
         for r in adaptive:
             lines.append(f"| {r['solver']} | {r['setting']} | {r['nfe_used']} | "
-                         + " | ".join(_fmt(r.get(m)) for m in METRICS) + f" | {r['seconds']:.2f} |")
+                         + " | ".join(_fmt(r.get(m)) for m in metrics) + f" | {r['seconds']:.2f} |")
         lines.append("")
     skipped = sorted({(r["solver"], r["note"]) for r in rows if r.get("note")})
     if skipped:
         lines += ["Not run (the solver refused the setting):", ""]
         lines += [f"- {s} ({n})" for s, n in skipped]
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
-def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
+def write_plot(path: str, rows: list[dict], floor: dict, title: str, metrics=METRICS) -> None:
     """Quality against NFE used, one line per solver, noise floors dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    metrics = [m for m in metrics if any(r.get(m) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
     cmap = plt.get_cmap("tab20")
@@ -159,7 +170,8 @@ def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
                                         label="standard error of the gap (n exact samples)")
         elif floor.get(metric) is not None:
             reference_line = ax.axhline(abs(floor[metric]), color="k", ls="--", lw=1,
-                                        label="noise floor (exact vs exact samples)")
+                                        label="data vs reference" if metric in IMAGE_METRICS
+                                        else "noise floor (exact vs exact samples)")
         if reference_line is not None and ax is not axes[0][0]:
             ax.legend(handles=[reference_line], fontsize=7, loc="lower left")
         ax.set_xscale("log")
@@ -174,6 +186,73 @@ def write_plot(path: str, rows: list[dict], floor: dict, title: str) -> None:
     plt.close(fig)
 
 
+def image_quality(config, split):
+    """The FID/KID/IS evaluator of evaluation/image_eval.py; without weights, one line that also names bits/dim."""
+    from evaluation.image_eval import ImageQuality
+
+    try:
+        return ImageQuality(config, split, device="cpu")
+    except UserError as error:
+        raise UserError(f"{error} (bits/dim of this run without them: main.py --mode likelihood)") from None
+
+
+def compare_images(args, config, run, budgets) -> int:
+    """FID, KID and IS of --num_samples images per solver and NFE budget on an image checkpoint."""
+    from evaluation.reference_stats import load_split_images
+    from evaluation.sample_runner import sample_shape, to_data_space
+
+    if args.inception_weights:
+        config.eval.inception_weights = args.inception_weights
+    quality = image_quality(config, args.split)
+    n = args.num_samples
+    data = load_split_images(config, quality.split, 0)[:n]
+    floor = {m: quality(data, seed=args.seed)[m] for m in IMAGE_METRICS}
+    print(f"floor ({len(data)} {quality.split} images vs the reference): "
+          + " ".join(f"{m}={_fmt(floor[m])}" for m in IMAGE_METRICS), flush=True)
+    names = available_solvers() if args.solvers == "all" else args.solvers.split(",")
+    rows, total = [], time.time()
+    for solver in names:
+        if solver not in SAMPLERS:
+            raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
+        for label, nfe, options in settings_for(solver, budgets):
+            x, used, seconds = run_one(run.sde, run.score_fn, (n, *sample_shape(config)), solver, nfe, options,
+                                       args.seed + 1)
+            row = {"solver": solver, "setting": label, "nfe_requested": nfe, "seconds": seconds}
+            if x is None:
+                row.update({"nfe_used": None, "note": used, **{m: None for m in IMAGE_METRICS}})
+                rows.append(row)
+                if "not valid for" in used:
+                    print(f"{solver:14s} skipped: {used}", flush=True)
+                    break
+                continue
+            metrics = quality(to_data_space(config, x.float().cpu()), seed=args.seed)
+            row.update({"nfe_used": used, "note": "", **{m: metrics[m] for m in IMAGE_METRICS},
+                        "kid_std": metrics["kid_std"]})
+            rows.append(row)
+            print(f"{solver:14s} {label:10s} NFE {used:>5d} "
+                  + " ".join(f"{m}={_fmt(row[m])}" for m in IMAGE_METRICS) + f"  {seconds:.1f}s", flush=True)
+    total = time.time() - total
+    fields = ["solver", "setting", "nfe_requested", "nfe_used", *IMAGE_METRICS, "kid_std", "seconds", "note"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerow({"solver": "data", "setting": f"{len(data)} {quality.split} images", **floor})
+    for r in rows:
+        writer.writerow(r)
+    write_text(args.out + ".csv", buffer.getvalue())
+    what = (f"trained checkpoint {args.workdir} (step {run.step}), {config.data.dataset}: {n} samples per run vs "
+            f"{quality.reference['num_images']} {quality.split} images (FID, KID, IS with torch-fidelity's FID "
+            "Inception)")
+    command = "python scripts/compare_solvers.py " + " ".join(sys.argv[1:])
+    header = (f"### {what}\n\n`{command}` — seed {args.seed}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
+              f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}; total {total:.0f} s. "
+              "The noise-floor line is the metrics of as many data images.")
+    write_markdown(args.out + ".md", rows, floor, header, budgets, IMAGE_METRICS)
+    write_plot(args.out + ".png", rows, floor, what, IMAGE_METRICS)
+    print(f"wrote {args.out}.csv, {args.out}.md, {args.out}.png in {total:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -186,8 +265,7 @@ def main(argv=None) -> int:
         run = load_run(args.workdir, "cpu", config=config)
         sde, score_fn, step = run.sde, run.score_fn, run.step
         if config.data.get("kind", "toy") == "image":
-            raise UserError("image checkpoints: no sample-quality metric is available here "
-                            "(FID/KID need Inception weights); use --mode likelihood for bits/dim")
+            return compare_images(args, config, run, budgets)
         from data.mixtures import TOY_MIXTURES, toy_mixture
         from data.toys import sample_toy
         name = str(config.data.dataset)
@@ -238,13 +316,15 @@ def main(argv=None) -> int:
     total = time.time() - total
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".csv", "w", newline="") as f:
+    table = io.StringIO(newline="")
+    with table as f:
         writer = csv.DictWriter(f, fieldnames=["solver", "setting", "nfe_requested", "nfe_used", *METRICS,
                                                "seconds", "note"])
         writer.writeheader()
         writer.writerow({"solver": "noise_floor", "setting": "exact vs exact", **{m: floor[m] for m in METRICS}})
         for r in rows:
             writer.writerow(r)
+        write_text(args.out + ".csv", f.getvalue())
     command = "python scripts/compare_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"### {what}\n\n`{command}` — {n} samples per run, seed {args.seed}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime())}, {platform.machine()} CPU, "

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"converted {args.src} (step {report.step}): {report.num_tensors} model tensors, "
           f"{report.num_shadow} EMA tensors, {report.num_optimizer_states} optimizer states, "
           f"{report.num_parameters:,} parameters{buffers}")
+    print(f"not verifiable from the file, taken from --config {args.config}: {'; '.join(report.unverified)}")
     print(f"wrote {report.path}")
     print(f"next: python main.py --mode sample --config {args.config} --workdir {args.out}")
     return 0

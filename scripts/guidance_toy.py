@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import configs  # noqa: E402
+from atomic_io import save_figure, write_text  # noqa: E402
 from data.class_conditional import mixture_class_score_fn, mixture_log_posterior_fn  # noqa: E402
 from data.mixtures import toy_mixture  # noqa: E402
 from models.guidance import classifier_log_prob_fn, conditional_score_fn  # noqa: E402
@@ -88,8 +89,7 @@ def main() -> None:
               f"{config.classifier.n_iters} steps; EM with NFE {args.nfe}, {args.num_samples} samples per class, "
               "averaged over the 8 classes. 'net' = trained networks, 'exact' = exact mixture scores / posterior.\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".md", "w") as handle:
-        handle.write(header + "\n" + table + "\n")
+    write_text(args.out + ".md", header + "\n" + table + "\n")
     print(header + table)
     from evaluation.figures import _pyplot
 
@@ -103,7 +103,8 @@ def main() -> None:
         ax.set_ylim(-3, 3)
         ax.set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=100)
+    save_figure(fig, args.out + ".png", dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

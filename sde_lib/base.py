@@ -71,6 +71,17 @@ class SDE(abc.ABC):
         idx = torch.floor(t * (self.N - 1) / self.T + 1e-4).long()
         return idx.clamp(0, self.N - 1)
 
+    def step_time(self, i: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Time of discrete step i, t_i = i T / (N-1), rounded up in `dtype` (by an ulp or two where needed)
+        so that the reference's step position t_i (N-1) truncates back to i (`labels.long()` in Song et al.'s
+        discrete VP score; in float32 i / 999 * 999 falls just below i for 170 of the 1000 steps)."""
+        i = torch.as_tensor(i)
+        target = i.to(dtype)
+        t = target * (self.T / (self.N - 1))
+        for _ in range(2):  # fixed count: no host synchronisation on accelerators
+            t = torch.where(t * (self.N - 1) < target, torch.nextafter(t, torch.full_like(t, math.inf)), t)
+        return t
+
     def discretize(self, x: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step x_{i+1} = x_i + f + G z of the discrete chain; Euler-Maruyama with dt = T/N by default."""
         dt = self.T / self.N

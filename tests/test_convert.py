@@ -8,6 +8,7 @@ names, `sigmas` buffer, EMA shadow list, Adam state) is built from these lists w
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 from collections import OrderedDict
@@ -432,7 +433,7 @@ def test_main_samples_and_computes_bits_per_dim_on_a_converted_checkpoint(tmp_pa
             "--config.likelihood.batch_size=2", "--num_batches", "1"]
     assert main.main(["--mode", "likelihood"] + common + fast) == 0
     assert "bits/dim" in capsys.readouterr().out
-    assert os.path.isfile(os.path.join(workdir, "checkpoints", "likelihood_test.json"))
+    assert len(glob.glob(os.path.join(workdir, "likelihood", "likelihood_test_h*.json"))) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -536,40 +537,68 @@ class _Recorder(torch.nn.Module):
 
 
 def _reference_labels_and_scale(config, t):
-    """(labels, score of a network output of ones) by the reference's get_score_fn (models/utils.py)."""
+    """(labels, score of a network output of ones) by the reference's get_score_fn (models/utils.py), in t's dtype
+    for the labels as the reference computes them, the std tables in float64."""
     s = config.sde
     n = s.num_scales
     if s.name == "vesde":
         if config.training.continuous:  # labels = marginal std sigma(t)
-            return s.sigma_min * (s.sigma_max / s.sigma_min) ** t, torch.ones_like(t)
-        # discrete: labels = round((T - t)(N - 1)), the network divides by sigmas[labels] (descending table)
-        index = torch.round((1 - t) * (n - 1)).long()
-        return reference_sigmas(config)[index].float(), torch.ones_like(t)
-    if s.name == "vpsde" and not config.training.continuous:  # DDPM: labels t (N-1), std sqrt(1 - alpha_bar)
+            return s.sigma_min * (s.sigma_max / s.sigma_min) ** t.double(), torch.ones_like(t)
+        # discrete: index round((T - t)(N - 1)) (torch.round: half to even) into the descending table
+        # sigmas = exp(linspace(log sigma_max, log sigma_min, N)); the network divides by sigmas[index]
+        labels = 1.0 - t
+        labels *= n - 1
+        index = torch.round(labels).long()
+        table = torch.exp(torch.linspace(math.log(s.sigma_max), math.log(s.sigma_min), n, dtype=torch.float64))
+        return table[index], torch.ones_like(t)
+    if s.name == "vpsde" and not config.training.continuous:
+        # DDPM: labels t (N - 1) (unrounded), std sqrt(1 - alphas_cumprod)[labels.long()] (truncation)
         labels = t * (n - 1)
         betas = torch.linspace(s.beta_min / n, s.beta_max / n, n, dtype=torch.float64)
-        std = torch.sqrt(1 - torch.cumprod(1 - betas, 0))[(labels + 1e-6).long()]
-        return labels, -1 / std.float()
-    log_mean = -0.25 * t ** 2 * (s.beta_max - s.beta_min) - 0.5 * t * s.beta_min
+        std = torch.sqrt(1 - torch.cumprod(1 - betas, 0))[labels.long()]
+        return labels, -1 / std
+    t64 = t.double()
+    log_mean = -0.25 * t64 ** 2 * (s.beta_max - s.beta_min) - 0.5 * t64 * s.beta_min
     std = torch.sqrt(1 - torch.exp(2 * log_mean)) if s.name == "vpsde" else 1 - torch.exp(2 * log_mean)
     return 999 * t, -1 / std
 
 
+def _conditioning_times(dtype):
+    """10,000 uniform times (almost all off the step grid), the grid's ends, grid points, and times just
+    below grid points and near the midpoints between them (where truncation and rounding pick other steps)."""
+    uniform = torch.rand(10_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = torch.tensor([1.0, 10.0, 37.0, 100.0, 500.0, 998.0], dtype=torch.float64)
+    grid = torch.cat([torch.tensor([1.0, 0.0, 0.3], dtype=torch.float64), steps / 999, (steps - 3e-5) / 999,
+                      (steps + 0.5 - 3e-5) / 999, (steps + 0.5 + 3e-5) / 999])
+    return torch.cat([uniform, grid]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", [n for n in configs.available_configs() if n.startswith("ssde_")])
-def test_time_conditioning_matches_the_reference(name):
+def test_time_conditioning_matches_the_reference(name, dtype):
     config = configs.get_config(name)
     sde, net = get_sde(config), _Recorder()
     score_fn = models.get_score_fn(sde, net, continuous=config.training.continuous)
-    # A discrete VP network gets the float t (N - 1) and the std at floor of it, on and off the step grid.
-    t = torch.tensor([1.0, 0.5, 37 / 999, 1 / 999], dtype=torch.float64)
-    x = torch.zeros(4, 3, 2, 2, dtype=torch.float64)
+    t = _conditioning_times(dtype)
+    x = torch.zeros(t.shape[0], 3, 1, 1, dtype=dtype)
     score = score_fn(x, t)
     labels, scale = _reference_labels_and_scale(config, t)
     if config.sde.name == "vesde" and not config.training.continuous:
-        # our network gets sigma and maps it to the reference's index for its positional embedding
-        torch.testing.assert_close(net.labels.float(), labels.float(), rtol=1e-5, atol=0)
+        # our network gets sigma and maps it to the reference's index for its positional embedding: same level
+        torch.testing.assert_close(net.labels.double(), labels, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
         index = positional_timesteps(net.labels, config)
-        torch.testing.assert_close(index, torch.round((1 - t) * 999), rtol=0, atol=1e-6)
+        expected_index = torch.round((1 - t) * 999)
+        assert torch.equal(torch.round(index), expected_index)
+        # float32: sigma carries a relative rounding error <= 6e-8, and (N - 1) log(sigma_max / sigma) / log(5000)
+        # turns it into <= 117 * 6e-8 ~ 1e-5 of index, plus the index's own rounding (2 ulp: 3e-7 relative),
+        # as small as the reference's own float32 embedding error (index * frequency, 6e-8 relative)
+        torch.testing.assert_close(index.double(), expected_index.double(), rtol=3e-7 if dtype == torch.float32
+                                   else 1e-12, atol=2e-5 if dtype == torch.float32 else 1e-9)
+    elif config.sde.name == "vpsde" and not config.training.continuous:
+        assert torch.equal(net.labels, labels)  # the same float t (N - 1), computed in t's dtype
     else:
         torch.testing.assert_close(net.labels.double(), labels.double(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(score[:, 0, 0, 0].double(), scale.double(), rtol=1e-5, atol=0)
+    # the score's scale: the reference's std in float64 (ours: float64 tables, or expm1 for the continuous
+    # std, which is the more accurate near t = 0 where 1 - exp(-B) cancels: 1e-9 relative there)
+    torch.testing.assert_close(score[:, 0, 0, 0].double(), scale.double(),
+                               rtol=1e-6 if dtype == torch.float32 else 1e-9, atol=0)

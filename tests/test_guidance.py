@@ -290,6 +290,7 @@ def test_sample_cli_guidance_errors(tmp_path, capsys):
 
 
 def test_sample_cli_classifier_free_guidance_end_to_end(tmp_path):
+    import glob
     import json
     import os
 
@@ -302,7 +303,8 @@ def test_sample_cli_classifier_free_guidance_end_to_end(tmp_path):
                       "--num_samples", "50", "--class_label", "3", "--guidance", "cfg", "--guidance_scale", "2.5",
                       *small])
     assert code == 0
-    stem = os.path.join(str(tmp_path), "samples", "samples_em_nfe10_seed42_class3_cfg2.5")
+    (npz,) = glob.glob(os.path.join(str(tmp_path), "samples", "samples_em_nfe10_seed42_class3_cfg2.5_h*.npz"))
+    stem = npz[:-len(".npz")]
     info = json.load(open(stem + ".json"))
     assert info["guidance"] == "cfg" and info["class_label"] == 3 and info["guidance_scale"] == 2.5
     assert info["nfe_used"] == 10  # one (batched) network call per step

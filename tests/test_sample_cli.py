@@ -1,4 +1,5 @@
 """`main.py --mode sample` / `--mode eval`: files written, facts recorded, real checkpoint restore, clear errors."""
+import glob
 import json
 import os
 
@@ -36,7 +37,8 @@ def test_sample_cli_with_a_real_checkpoint(tmp_path):
     code = main.main(["--mode", "sample", "--config", "vp_toy", "--workdir", workdir, "--solver", "em",
                       "--nfe", "20", "--num_samples", "100", "--seed", "3", *SMALL])
     assert code == 0
-    stem = os.path.join(workdir, "samples", "samples_em_nfe20_seed3")
+    (npz,) = glob.glob(os.path.join(workdir, "samples", "samples_em_nfe20_seed3_h*.npz"))  # non-default settings
+    stem = npz[:-len(".npz")]
     samples = np.load(stem + ".npz")["samples"]
     assert samples.shape == (100, 2) and np.isfinite(samples).all()
     info = json.load(open(stem + ".json"))
@@ -63,9 +65,10 @@ def test_sample_cli_uses_config_sampling_options(tmp_path, exact_score):
     code = main.main(["--mode", "sample", "--config", "ve_toy", "--workdir", workdir, "--nfe", "200",
                       "--num_samples", "500", "--config.sampling.snr=0.1", "--config.sampling.batch_size=500"])
     assert code == 0
-    info = json.load(open(os.path.join(workdir, "samples", "samples_pc_nfe200_seed42.json")))
+    (npz,) = glob.glob(os.path.join(workdir, "samples", "samples_pc_nfe200_seed42_h*.npz"))
+    info = json.load(open(npz[:-len(".npz")] + ".json"))
     assert info["solver"] == "pc" and info["options"]["snr"] == 0.1 and info["options"]["predictor"]
-    samples = np.load(os.path.join(workdir, "samples", "samples_pc_nfe200_seed42.npz"))["samples"]
+    samples = np.load(npz)["samples"]
     assert abs(np.linalg.norm(samples, axis=1).mean() - 2.0) < 0.05  # ring of radius 2
 
 
@@ -74,7 +77,8 @@ def test_eval_cli_reports_quality_near_the_noise_floor(tmp_path, exact_score, ca
     code = main.main(["--mode", "eval", "--config", "vp_toy", "--workdir", workdir, "--solver", "ode_rk4",
                       "--nfe", "100", "--num_samples", "1000", "--config.sampling.batch_size=1000"])
     assert code == 0
-    report = json.load(open(os.path.join(workdir, "eval", "eval_ode_rk4_nfe100_seed42.json")))
+    (path,) = glob.glob(os.path.join(workdir, "eval", "eval_ode_rk4_nfe100_seed42_h*.json"))
+    report = json.load(open(path))
     assert report["nfe_used"] == 100
     assert report["sw2"] < 2 * report["sw2_noise_floor"]
     assert report["mode_tv"] < report["mode_tv_noise_floor"] + 0.04

@@ -167,3 +167,18 @@ def test_bad_parameters_raise():
         VESDE(0.0, 1.0)
     with pytest.raises(ValueError, match="N must be"):
         VPSDE(N=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [10, 100, 1000, 2000])
+def test_step_time_truncates_back_to_its_step(n, dtype):
+    """t_i (N - 1) truncates to i (the reference's `labels.long()`) and t_i is within 2 ulp of i / (N - 1);
+    the plain product i / (N - 1) misses for some i (e.g. 170 of 1000 in float32)."""
+    sde = VPSDE(N=n)
+    i = torch.arange(n)
+    t = sde.step_time(i, dtype)
+    assert t.dtype == dtype
+    assert torch.equal((t * (n - 1)).long(), i)
+    exact = i.double() / (n - 1)
+    ulp = torch.finfo(dtype).eps * exact.clamp_min(torch.finfo(dtype).tiny)
+    assert ((t.double() - exact).abs() <= 2 * ulp + torch.finfo(dtype).tiny).all()

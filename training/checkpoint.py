@@ -1,9 +1,19 @@
-"""Checkpoints: model, EMA, optimizer, step, RNG states and the config, written atomically (temp file + rename)."""
+"""Checkpoints: model, EMA, optimizer, step, RNG states and the config, written atomically (temp file + rename).
+
+File layout: one header line `SCORESDE-CHECKPOINT sha256=<64 hex digits>` followed by the `torch.save` payload;
+the digest covers every byte of the payload and the header is checked byte for byte, so a flipped, missing or
+added byte anywhere in the file is found on load (torch does not check its zip CRCs). Header and payload are
+written together by one atomic replace. Loads use `weights_only` (no code runs), refuse non-finite model or
+EMA weights and fields of the wrong type; files from before the checksum (no header) still load, with a note.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
+import sys
 from typing import Any
 
 import ml_collections
@@ -12,6 +22,7 @@ import torch
 
 from atomic_io import atomic_write
 from errors import UserError
+from training.load_errors import describe_load_error
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -63,30 +74,140 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
+MAGIC = b"SCORESDE-CHECKPOINT sha256="
+_HEADER_SIZE = len(MAGIC) + 64 + 1
+_legacy_noted = False
 
-    If anything fails before the rename, the previous checkpoint at `path` is left as it was.
+
+def weight_tensors(state: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the network weights a checkpoint holds: model, EMA shadow weights, classifier."""
+    out = []
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            out += [(f"{key} weight {name!r}", t) for name, t in state[key].items() if isinstance(t, torch.Tensor)]
+    ema = state.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("shadow_params"), (list, tuple)):
+        out += [(f"EMA weight #{k}", t) for k, t in enumerate(ema["shadow_params"]) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def nonfinite_weights(state: dict[str, Any]) -> list[str]:
+    """Names of the weight tensors (model, EMA, classifier) that hold NaN or infinite values."""
+    return [name for name, t in weight_tensors(state)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically with a checksum header: a temp file in the same folder, fsync, then
+    os.replace. Non-finite model / EMA weights are never written (UserError); if anything fails before the
+    rename, the previous checkpoint at `path` is left as it was.
     """
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    bad = nonfinite_weights(state)
+    if bad:
+        raise UserError(f"refusing to write {path}: {len(bad)} weight tensor(s) hold NaN/inf ({bad[0]}, ...)")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n"
+
+    def write(handle) -> None:
+        handle.write(header)
+        handle.write(payload)
+
+    atomic_write(path, write)
+
+
+class _Unverified(io.BytesIO):
+    """The bytes of a file without a checksum (written before checksums were added, or not ours)."""
+
+
+def _verified_source(path: str, what: str = "checkpoint") -> io.BytesIO:
+    """The payload of a checksummed file after checking its digest (an `_Unverified` buffer of the whole file
+    for a file without one: torch.load then says whether it is a checkpoint at all)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {os.strerror(error.errno).lower()}") from None
+    head = data[:len(MAGIC)]
+    if sum(x == y for x, y in zip(head, MAGIC)) < len(MAGIC) - 4:  # a few flipped header bytes are still ours
+        return _Unverified(data)
+    header, payload = data[:_HEADER_SIZE], memoryview(data)[_HEADER_SIZE:]
+    stored = header[len(MAGIC):-1]
+    if (not header.startswith(MAGIC) or not header.endswith(b"\n")
+            or stored != hashlib.sha256(payload).hexdigest().encode("ascii")):
+        raise UserError(f"{what} {path} is damaged: its content does not match the checksum stored in it "
+                        "(altered or truncated); delete it or restore a copy")
+    return io.BytesIO(payload)
+
+
+def _note_unverified(source: io.BytesIO, path: str, what: str) -> None:
+    """Say once per process, on stderr, that a file without a checksum was loaded unverified."""
+    global _legacy_noted
+    if isinstance(source, _Unverified) and not _legacy_noted:
+        print(f"note: {what} {path} has no checksum (written before checksums were added); it was loaded "
+              "unverified and gets one when it is next saved", file=sys.stderr)
+        _legacy_noted = True
+
+
+def _check_weights(state: dict[str, Any], path: str, what: str = "checkpoint") -> None:
+    bad = nonfinite_weights(state)
+    if bad:
+        raise UserError(f"{what} {path} holds NaN/inf in {len(bad)} weight tensor(s) ({bad[0]}, ...); it cannot "
+                        "be used: delete it or restore an earlier copy")
+
+
+def _check_fields(state: dict[str, Any], path: str) -> None:
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"checkpoint {path}: field 'step' must be a non-negative integer, got {step!r}")
+    try:
+        config = json.loads(state["config"]) if isinstance(state["config"], str) else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise UserError(f"checkpoint {path}: field 'config' must be the run's config as JSON text")
+    for key in ("model", "ema", "optimizer"):
+        if not isinstance(state[key], dict):
+            raise UserError(f"checkpoint {path}: field {key!r} must be a state dict, got {type(state[key]).__name__}")
+
+
+def read_verified(path: str, what: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A dict saved by `save_checkpoint` (e.g. the classifier): checksum verified, weights_only, finite weights."""
+    if not os.path.isfile(path):
+        raise UserError(f"no {what} at {path}")
+    source = _verified_source(path, what)
+    try:
+        state = torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for damaged or foreign files
+        raise UserError(f"{what} {path} is corrupt or not a {what} of this toolkit: {describe_load_error(error)}"
+                        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{what} {path} is not a {what} of this toolkit (holds {type(state).__name__})")
+    _check_weights(state, path, what)
+    _note_unverified(source, path, what)
+    return state
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`; a missing, unreadable or incomplete file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train first with --mode train")
+    source = _verified_source(path)  # checksum of the content (files from before checksums: unverified bytes)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this toolkit "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-                        "delete it to start over or point --workdir elsewhere") from None
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this toolkit: "
+                        f"{describe_load_error(error)}; delete it to start over or point --workdir elsewhere") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise UserError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
                         "delete it to start over or point --workdir elsewhere")
     if state["format"] != FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {state['format']}, this toolkit reads format {FORMAT_VERSION}")
+    _check_fields(state, path)
+    _check_weights(state, path)
+    _note_unverified(source, path, "checkpoint")
     return state
 
 

@@ -6,18 +6,20 @@ Weights go to `{workdir}/classifier.pt` (state dict, step, config), next to the 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 from torch import nn
 
+from atomic_io import write_json
 from data.loaders import get_data_stream, step_generator
 from errors import UserError
 from models.guidance import create_classifier
 from sde_lib import SDE, broadcast_to, get_sde
+from training.checkpoint import read_verified, save_checkpoint
 from training.device import get_device
+from validation import check_output_files, check_settings
 
 CLASSIFIER_FILE = "classifier.pt"
 _SALT_CLASSIFIER = 0xC1A5
@@ -85,13 +87,9 @@ def train_classifier(config, workdir: str, *, n_iters: int | None = None, progre
     summary = {"step": n_iters, "loss": sum(running[-log_every:]) / len(running[-log_every:]),
                "accuracy_at_t": accuracy, "seconds": round(time.perf_counter() - start, 2),
                "path": classifier_path(workdir)}
-    os.makedirs(workdir, exist_ok=True)
-    tmp = classifier_path(workdir) + ".tmp"
-    torch.save({"state_dict": classifier.state_dict(), "step": n_iters, "num_classes": classifier.num_classes,
-                "classifier_config": c.to_dict()}, tmp)
-    os.replace(tmp, classifier_path(workdir))
-    with open(os.path.join(workdir, "classifier_summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=1)
+    save_checkpoint(classifier_path(workdir), {"state_dict": classifier.state_dict(), "step": n_iters,
+                                               "num_classes": classifier.num_classes, "classifier_config": c.to_dict()})
+    write_json(os.path.join(workdir, "classifier_summary.json"), summary, indent=1)
     return summary
 
 
@@ -101,20 +99,22 @@ def load_classifier(config, workdir: str, device: torch.device) -> nn.Module:
     if not os.path.exists(path):
         raise UserError(f"no classifier at {path}; train one first with --mode train_classifier "
                         f"(same --config and --workdir)")
+    state = read_verified(path, "classifier", map_location=device)  # checksum, finite weights, one-line errors
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
         classifier = create_classifier(config).to(device)
         classifier.load_state_dict(state["state_dict"])
-    except (RuntimeError, KeyError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
         if isinstance(error, UserError):
             raise
-        raise UserError(f"classifier {path} is corrupt or does not match config.classifier / the data: "
-                        f"{str(error).splitlines()[0]}") from None
+        raise UserError(f"classifier {path} does not match config.classifier / the data: "
+                        f"{str(error).splitlines()[0][:200]}") from None
     return classifier.eval()
 
 
 def run(config, workdir: str, args) -> int:
     """`--mode train_classifier`: train p_t(c | x) for the run in workdir and report its accuracy."""
+    check_settings(config, args, "train_classifier", get_sde)  # also when called without main.py
+    check_output_files([classifier_path(workdir), os.path.join(workdir, "classifier_summary.json")])
     summary = train_classifier(config, workdir, progress=bool(config.training.get("progress", True)))
     accuracy = ", ".join(f"t={t}: {a:.3f}" for t, a in summary["accuracy_at_t"].items())
     print(f"[classifier] {summary['step']} steps in {summary['seconds']:.1f}s, loss {summary['loss']:.4f}; "

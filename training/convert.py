@@ -13,6 +13,13 @@ equal and values finite; any mismatch is a `UserError` naming the tensor. The on
 copied is the reference's `sigmas` buffer (its table of noise levels): our VE networks receive sigma itself,
 so it is checked against the config's VE noise levels instead.
 
+The file is read with `torch.load(weights_only=True)` and an explicit allowlist of the only non-tensor objects
+the reference's files hold: the numpy float64 learning rate that its warm-up writes into Adam's param group
+(`lr * np.minimum(step / warmup, 1.0)`), pickled as `numpy.core.multiarray.scalar` (numpy 1.x) or
+`numpy._core.multiarray.scalar` (numpy 2.x) with a `numpy.dtype`. Nothing else is accepted, and loading never
+runs code from the file. What the file cannot tell (same network, other SDE or training) is listed by
+`unverified_settings`.
+
 This lives in `training/` because it writes our checkpoint format through `training.checkpoint`.
 """
 from __future__ import annotations
@@ -22,10 +29,13 @@ import math
 import os
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
+from atomic_io import write_text
 from errors import UserError
+from training.load_errors import describe_load_error
 
 DATAPARALLEL_PREFIX = "module."
 REFERENCE_KEYS = ("model", "ema", "optimizer", "step")
@@ -45,6 +55,7 @@ class ConversionReport:
     num_optimizer_states: int  # Adam per-parameter states carried over
     checked_buffers: list[str]  # reference buffers checked and not copied
     num_parameters: int
+    unverified: list[str]  # settings taken from the config that the file cannot confirm
 
 
 def _listing(names: list[str]) -> str:
@@ -56,15 +67,43 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
+def reference_safe_globals() -> list[tuple[Any, str]]:
+    """The allowlist for reference files: numpy's scalar constructor under both module paths, `numpy.dtype`,
+    and the float64 dtype class (numpy 2.x builds the dtype through it)."""
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    allowed = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+               (np.dtype, "numpy.dtype")]
+    float64_dtype = type(np.dtype(np.float64))
+    if float64_dtype is not np.dtype:  # numpy >= 1.25: numpy.dtypes.Float64DType
+        allowed.append((float64_dtype, "numpy.dtypes.Float64DType"))
+    return allowed
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (the reference's learning rate) as Python numbers, in nested dicts, lists and tuples."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):  # dict or OrderedDict: order kept
+        return type(value)((k, _plain(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 def load_reference_checkpoint(path: str) -> dict[str, Any]:
-    """Read a reference checkpoint (tensors and plain values only); a missing or foreign file is a UserError."""
+    """Read a reference checkpoint (tensors, plain values and numpy float64 scalars only); a missing or
+    foreign file is a UserError in one line."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint file at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(reference_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for files that are not torch checkpoints
-        message = str(error).splitlines()[0][:200] if str(error) else ""
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {message})") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint: {describe_load_error(error)}") from None
+    state = _plain(state)
     if not isinstance(state, Mapping):
         raise UserError(f"{path} is not a Score-SDE checkpoint: it holds a {type(state).__name__}, "
                         f"expected a dict with keys {', '.join(REFERENCE_KEYS)}")
@@ -240,6 +279,7 @@ def convert_checkpoint(src: str, config, workdir: str, config_name: str = "", ov
     Afterwards `main.py --mode sample|likelihood --config <the same config> --workdir workdir` use its EMA
     weights (through `training.checkpoint.restore_model`).
     """
+    from atomic_io import write_text
     from training.checkpoint import checkpoint_path, config_to_json, save_checkpoint
 
     out = checkpoint_path(workdir)
@@ -248,10 +288,31 @@ def convert_checkpoint(src: str, config, workdir: str, config_name: str = "", ov
     source = load_reference_checkpoint(src)
     state, facts = convert_state(source, config, config_name)
     state["config"] = config_to_json(config)
+    unverified = unverified_settings(config, facts["checked_buffers"])
     state["converted_from"] = {"path": os.path.abspath(src), "format": "score_sde_pytorch",
-                               "config": config_name, "ema_decay": state["ema"]["decay"]}
-    os.makedirs(workdir, exist_ok=True)
+                               "config": config_name, "ema_decay": state["ema"]["decay"],
+                               "unverified": unverified}
     save_checkpoint(out, state)
-    with open(os.path.join(workdir, "config.json"), "w") as handle:
-        handle.write(config_to_json(config))
-    return ConversionReport(path=out, step=state["step"], **facts)
+    write_text(os.path.join(workdir, "config.json"), config_to_json(config))
+    return ConversionReport(path=out, step=state["step"], unverified=unverified, **facts)
+
+
+def unverified_settings(config, checked_buffers: list[str]) -> list[str]:
+    """The settings of `config` that a reference file cannot confirm, so they come from the config alone.
+
+    The file fixes the network (every tensor name and shape: DDPM / DDPM++ / NCSN++, depth, Fourier or
+    positional embedding, so continuous and discrete NCSN++ differ) and, through the `sigmas` buffer, the
+    number of noise levels and the VE noise levels. Networks of the VP and sub-VP SDEs are the same, and a
+    discrete DDPM / DDPM++ network is the same as a continuous one (labels t (N-1) = 999 t for N = 1000).
+    """
+    sde = str(config.sde.name).lower()
+    unverified = []
+    if sde in ("vpsde", "subvpsde"):
+        unverified += ["the SDE (VP and sub-VP networks are the same)",
+                       "discrete or continuous training (the same network and labels)",
+                       "sde.beta_min / sde.beta_max"]
+    if "sigmas" not in checked_buffers:
+        unverified.append("sde.num_scales" + (" and the VE noise levels" if sde == "vesde" else "")
+                          + " (the file has no sigmas buffer)")
+    unverified.append("the data scaling (data.centered)")
+    return unverified

@@ -2,8 +2,9 @@
 weighting and importance sampling of t), the discrete DDPM and SMLD/NCSN losses, and sliced score matching.
 
 Every loss takes a `score_fn(x, t)` (t continuous in [0, T], a (batch,) tensor), so an exact analytic score
-can stand in for a network. Conventions follow Song et al. (2021): per-sample squared errors are summed over
-data dimensions (or averaged with reduce_mean) and averaged over the batch.
+can stand in for a network. Every loss reduces its per-dimension terms per sample as the reference code of
+Song et al. (2021) does (`reduce_op` in its losses.py): the mean over data dimensions with `reduce_mean`,
+otherwise half their sum; the per-sample values are then averaged over the batch.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ LOSS_NAMES = ("dsm", "ddpm", "smld", "ssm")
 
 
 def _reduce(per_dim: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
-    """Sum (or mean) over all non-batch dimensions: (batch, ...) -> (batch,)."""
+    """(batch, ...) -> (batch,): mean over the non-batch dimensions with reduce_mean, else 0.5 * their sum."""
     flat = per_dim.reshape(per_dim.shape[0], -1)
-    return flat.mean(dim=1) if reduce_mean else flat.sum(dim=1)
+    return flat.mean(dim=1) if reduce_mean else 0.5 * flat.sum(dim=1)
 
 
 def _uniform_time(n: int, eps: float, T: float, x: torch.Tensor, generator) -> torch.Tensor:
@@ -90,9 +91,10 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Continuous-time weighted DSM (Song et al., 2021, eq. 7), t ~ U[eps, T].
 
-    lambda(t) = sigma(t)^2 (default): E ||sigma s(x_t, t) + z||^2;
-    likelihood weighting lambda = g(t)^2: E g^2 ||s + z / sigma||^2 (Song, Durkan et al., 2021, eq. 9);
-    with `importance_sampler`, t ~ q(t) and the estimate keeps the same mean.
+    lambda(t) = sigma(t)^2 (default): E R(sigma s(x_t, t) + z);
+    likelihood weighting lambda = g(t)^2: E g^2 R(s + z / sigma) (Song, Durkan et al., 2021, eq. 9);
+    with `importance_sampler`, t ~ q(t) and the estimate keeps the same mean. R(v) is mean(v^2) with
+    reduce_mean, else ||v||^2 / 2 (`_reduce`).
     """
     n = x0.shape[0]
     if importance_sampler is not None:
@@ -117,11 +119,12 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5
 
 
 def _step_times(sde: SDE, n: int, x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform step indices i in 0..N-1 and their grid times t_i = i T / (N - 1) (sde_lib's index convention)."""
+    """Uniform step indices i in 0..N-1 and their times t_i = i T / (N - 1), at which a discrete network's
+    label is step i (`SDE.step_time`)."""
     if sde.N < 2:
         raise UserError(f"discrete losses need sde.num_scales >= 2, got {sde.N}")
     i = torch.randint(0, sde.N, (n,), generator=generator, device=x.device)
-    return i, i.to(x.dtype) * (sde.T / (sde.N - 1))
+    return i, sde.step_time(i, x.dtype)
 
 
 def ddpm_alpha_bar(sde: VPSDE, i: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,10 @@ def ddpm_alpha_bar(sde: VPSDE, i: torch.Tensor) -> torch.Tensor:
 
 def ddpm_loss(score_fn: ScoreFn, sde: VPSDE, x0: torch.Tensor, *, reduce_mean: bool = True,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDPM's simple loss E ||eps_theta(x_i, i) - z||^2 (Ho et al., 2020, eq. 14) with eps_theta = -std_i s."""
+    """DDPM's simple loss E R(eps_theta(x_i, i) - z) (Ho et al., 2020, eq. 14) with eps_theta = -std_i s.
+
+    R is the reference's reduction (`_reduce`): mean of squares with reduce_mean, else half the squared norm.
+    """
     if not isinstance(sde, VPSDE) or isinstance(sde, subVPSDE):
         raise UserError("the discrete DDPM loss needs the VP SDE (sde.name='vpsde')")
     i, t = _step_times(sde, x0.shape[0], x0, generator)
@@ -146,7 +152,11 @@ def ddpm_loss(score_fn: ScoreFn, sde: VPSDE, x0: torch.Tensor, *, reduce_mean: b
 
 def smld_loss(score_fn: ScoreFn, sde: VESDE, x0: torch.Tensor, *, reduce_mean: bool = False,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """NCSN's loss with lambda(sigma_i) = sigma_i^2: E 1/2 ||sigma_i s(x0 + sigma_i z) + z||^2 (Song & Ermon, 2019, eq. 6)."""
+    """NCSN's loss with lambda(sigma_i) = sigma_i^2: E R(sigma_i s(x0 + sigma_i z) + z) (Song & Ermon, 2019, eq. 6).
+
+    R is the reference's reduction (`_reduce`): mean of squares with reduce_mean, else half the squared norm
+    (the 1/2 of Song & Ermon's objective).
+    """
     if not isinstance(sde, VESDE):
         raise UserError("the discrete SMLD/NCSN loss needs the VE SDE (sde.name='vesde')")
     i, t = _step_times(sde, x0.shape[0], x0, generator)
@@ -154,7 +164,7 @@ def smld_loss(score_fn: ScoreFn, sde: VESDE, x0: torch.Tensor, *, reduce_mean: b
     z = _normal_like(x0, generator)
     x_i = x0 + broadcast_to(sigma, x0) * z
     score = score_fn(x_i, t)
-    return 0.5 * _reduce((score * broadcast_to(sigma, x0) + z) ** 2, reduce_mean).mean()
+    return _reduce((score * broadcast_to(sigma, x0) + z) ** 2, reduce_mean).mean()
 
 
 def sliced_score_matching_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *, eps: float = 1e-5,
@@ -164,6 +174,9 @@ def sliced_score_matching_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *,
 
     For x_t ~ p_t: E_v [v^T grad_x (v^T s) + ||s||^2 / 2] with v ~ N(0, I); at s = grad log p_t it equals
     -E ||grad log p_t||^2 / 2. Needs no perturbation kernel, only samples of x_t; costs one extra backward pass.
+    Its per-dimension terms s_d^2 + 2 v_d d_d(v^T s) are those of E ||s - grad log p_t||^2 up to a constant,
+    so `_reduce` gives that objective with reduce_mean=False and 2 / d times it with reduce_mean=True,
+    the same scales as the DSM losses.
     """
     if n_projections < 1:
         raise UserError(f"training.n_projections must be >= 1, got {n_projections}")
@@ -172,12 +185,12 @@ def sliced_score_matching_loss(score_fn: ScoreFn, sde: SDE, x0: torch.Tensor, *,
     mean, std = sde.marginal_prob(x0, t)
     x_t = (mean + broadcast_to(std, x0) * _normal_like(x0, generator)).detach().requires_grad_(True)
     score = score_fn(x_t, t)
-    total = 0.5 * _reduce(score ** 2, reduce_mean)
+    per_dim = score ** 2
     for _ in range(n_projections):
         v = _normal_like(x0, generator)
         (grad_v,) = torch.autograd.grad((score * v).sum(), x_t, create_graph=True)
-        total = total + _reduce(grad_v * v, reduce_mean) / n_projections
-    return (total * std ** 2).mean()
+        per_dim = per_dim + (2.0 / n_projections) * grad_v * v
+    return (_reduce(per_dim, reduce_mean) * std ** 2).mean()
 
 
 def drop_labels(labels: torch.Tensor, p_uncond: float, num_classes: int,

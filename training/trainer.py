@@ -33,7 +33,13 @@ _SALT_LOSS, _SALT_DROPOUT = 0x1055, 0xD409
 
 
 class TrainingDiverged(UserError):
-    """The loss or the gradient became NaN or infinite."""
+    """The loss, the gradient, the weights or the EMA weights became NaN or infinite."""
+
+
+def weights_finite(state: "_State") -> torch.Tensor:
+    """A device bool: every model weight and EMA shadow weight is finite (one reduction, no host sync)."""
+    tensors = [p.detach() for p in state.model.parameters()] + list(state.ema.shadow_params)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 @dataclasses.dataclass
@@ -326,10 +332,13 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
             callbacks_due = any(_callback_due(cb, done, int(tr.n_iters)) for cb in callbacks)
             if not (log_due or snapshot_due or callbacks_due):
                 continue
-            # One synchronisation per logging window, never per step.
+            # One synchronisation per logging window, never per step; weights and EMA are checked too, so a
+            # snapshot never holds NaN/inf and "the last good checkpoint" is always good.
+            bad |= ~weights_finite(state)
             if distributed.broadcast_flag(bool(bad.item()), info, device):
                 raise TrainingDiverged(
-                    f"training diverged: the loss or gradient became NaN/inf between steps {last_good} and {done}; "
+                    f"training diverged: the loss, gradient, weights or EMA weights became NaN/inf between steps "
+                    f"{last_good} and {done}; "
                     f"the last good checkpoint ({ckpt}, step {last_good if os.path.exists(ckpt) else 'none'}) "
                     "was kept; lower training.lr, raise training.warmup or check the data")
             last_good = done
