@@ -9,12 +9,13 @@ delta = max(atol, rtol * max(|x'|, |x'_prev|)) elementwise, the scaled error E =
 (or the max norm), a step is accepted when E <= 1 (keeping the extrapolated x''), and the next step size is
 h = min(t - eps, safety * h * E^(-r)).
 
-Noise (a documented deviation): the paper draws a fresh z for every trial. Because acceptance depends on z,
-that biases the injected noise when the error norm does not concentrate (low dimension): on the 2-D ring the
-mean radius of the samples drifts from 2.01 to 2.05 (VP) / 2.14 (VE, rtol=0.01). The default noise="bridge"
-keeps the Brownian path after a rejection: the shorter step's increment is drawn from the Brownian bridge
-given the rejected one (Rackauckas & Nie 2017, without the memory of the leftover piece), which brings the
-radius back to 2.02 / 2.05; noise="fresh" is the paper's algorithm.
+Noise: the paper draws a fresh z for every trial (noise="fresh"). Because acceptance depends on z, that
+conditions the accepted increments on the rejections (large increments are rejected more often): on the 2-D
+VE ring the mean radius drifts from 2.010 to 2.11-2.15 and does not come back as rtol falls. The default
+noise="bridge" keeps one Brownian path per sample through every rejection (`solvers.brownian.BrownianMemory`,
+Rackauckas & Nie 2017's rejection sampling with memory): a retried shorter step takes its increment from the
+Brownian bridge to the rejected point, and that point stays on the path for the steps after it, so accepted
+increments are exact Brownian increments and the bias falls with rtol (docs/SOLVERS.md has the numbers).
 
 Batching: every sample has its own t and h (the paper's per-sample controller); the batch advances together,
 samples that reached eps take steps of size 0. Each iteration evaluates the score twice on the whole batch, so
@@ -30,6 +31,7 @@ import math
 import torch
 
 from errors import UserError
+from solvers.brownian import BrownianMemory
 from solvers.common import check_choice, gaussian_like, initial_state
 from solvers.registry import register
 from solvers.timesteps import check_eps
@@ -58,13 +60,16 @@ def adaptive_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, gene
     t = torch.full((batch,), float(sde.T), device=x.device, dtype=x.dtype)
     h = torch.full_like(t, min(h_init, sde.T - eps))
     x_prev, used = x, 0
-    w = h.sqrt()[:, None] * gaussian_like(x, generator).reshape(batch, -1)  # Brownian increment of the trial
+    memory = BrownianMemory(batch, dim, x, generator) if noise == "bridge" else None
     while True:
         final = used + 4 > cap  # the cap leaves no room for a trial after this one: cover the rest now
-        if final:  # extend the Brownian increment over the longer step: W(t - eps) = W(h) + sqrt(t - eps - h) z
-            rest = (t - eps).clamp_min(0.0)
-            w = w + ((rest - h).clamp_min(0.0)[:, None]).sqrt() * gaussian_like(x, generator).reshape(batch, -1)
-            h = rest
+        if final:
+            h = (t - eps).clamp_min(0.0)
+        # Brownian increment of the trial step: from the kept path, or fresh (the paper's algorithm).
+        if memory is None:
+            w = h.sqrt()[:, None] * gaussian_like(x, generator).reshape(batch, -1)
+        else:
+            w = memory.increment(h, h > 0)
         hb, t_next, wb = broadcast_to(h, x), t - h, w.reshape(x.shape)
         drift, diffusion = rev.sde(x, t)
         x_em = x - drift * hb + broadcast_to(diffusion, x) * wb
@@ -81,19 +86,12 @@ def adaptive_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, gene
         finishing = accept & (h >= t - eps)  # the step was cut to land on eps exactly
         t = torch.where(finishing, torch.full_like(t, eps), torch.where(accept, t_next, t))
         # Controller: safety * h * E^(-r); E = 0 (a perfectly smooth step) lets h grow to what remains.
-        h_old, h = h, torch.minimum(t - eps, safety * h * err.clamp_min(1e-12) ** (-r)).clamp_min(0.0)
-        if not bool((t > eps).any()):  # the one host synchronisation per iteration
+        h = torch.minimum(t - eps, safety * h * err.clamp_min(1e-12) ** (-r)).clamp_min(0.0)
+        if memory is None:
+            running = bool((t > eps).any())  # the one host synchronisation per iteration
+        else:
+            memory.advance(accept)
+            running, width = torch.stack([(t > eps).any().long(), memory.stored()]).tolist()  # one sync
+            memory.trim(width)
+        if not running:
             return x, used
-        w = _next_increment(w, h_old, h, accept, gaussian_like(x, generator).reshape(batch, -1), noise)
-
-
-def _next_increment(w, h_old, h, accept, z, noise: str):
-    """Brownian increment over the next trial step h: fresh after an accepted step (or always, noise="fresh");
-    after a rejection with noise="bridge", W(h) drawn from the Brownian bridge given the rejected W(h_old):
-    N(h / h_old W(h_old), h (h_old - h) / h_old) (h <= h_old on rejection)."""
-    fresh = h.sqrt()[:, None] * z
-    if noise == "fresh":
-        return fresh
-    frac = (h / h_old.clamp_min(torch.finfo(h.dtype).tiny))[:, None]
-    bridged = frac * w + ((1.0 - frac).clamp_min(0.0) * h[:, None]).sqrt() * z
-    return torch.where(accept[:, None], fresh, bridged)

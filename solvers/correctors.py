@@ -29,6 +29,12 @@ class Corrector:
     def nfe_per_step(self) -> int:
         return self.corrector_steps
 
+    def _alpha(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """alpha_i of Song et al. 2021 alg. 4/5: 1 - beta_i of the SDE's own chain for VP and sub-VP, 1 for VE."""
+        if isinstance(self.sde, VPSDE):
+            return 1.0 - self.sde.discrete_betas(self.sde.discrete_index(t, x).to(x.dtype))
+        return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+
     def update(self, x: torch.Tensor, t: torch.Tensor, noise: Noise):
         raise NotImplementedError
 
@@ -44,10 +50,10 @@ class LangevinCorrector(Corrector):
     dimension a per-sample ratio explodes wherever the score nearly vanishes (between modes).
     """
 
-    def _alpha(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.sde, VPSDE):  # VP and sub-VP: alpha_i = 1 - beta_i of the SDE's own chain
-            return 1.0 - self.sde.discrete_betas(self.sde.discrete_index(t, x).to(x.dtype))
-        return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.step_size is not None:
+            raise UserError("step_size applies to the 'ald' corrector only; the Langevin corrector's step is set by snr")
 
     def update(self, x, t, noise):
         tt = batch_time(t, x)
@@ -64,26 +70,32 @@ class LangevinCorrector(Corrector):
 
 
 class AnnealedLangevinCorrector(Corrector):
-    """Annealed Langevin dynamics (Song & Ermon, 2019, alg. 1): step alpha_i = eps sigma_i^2 / sigma_L^2.
+    """Annealed Langevin dynamics: step 2 alpha_i (snr sigma(t))^2 (the score SDE code's AnnealedLangevinDynamics).
 
-    sigma_i is the marginal std at t, sigma_L the smallest one (at t_min); x <- x + alpha_i/2 s + sqrt(alpha_i) z.
-    `step_size` (Song & Ermon's epsilon) defaults to their 2e-5 for sigma_L = 0.01, i.e. alpha_i = 0.2 sigma_i^2.
+    x_mean = x + step s(x, t), x = x_mean + sqrt(2 step) z, with sigma(t) the marginal std and alpha_i as in the
+    Langevin corrector (1 - beta_i for VP / sub-VP, 1 for VE). This is Song & Ermon's (2019, alg. 1) step
+    alpha_SE = eps sigma_i^2 / sigma_L^2 with x + alpha_SE / 2 s + sqrt(alpha_SE) z, for
+    snr = sqrt(eps) / (2 sigma_L): `step_size` (their eps), when given, sets snr that way (sigma_L = sigma(t_min)),
+    so NCSN's parameterization and the reference's are one corrector (for VP, alpha_i multiplies both).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sigma_min = float(self.sde.marginal_std(torch.tensor(self.t_min, dtype=torch.float64)))
-        self.step_constant = 0.2 * self.sigma_min ** 2 if self.step_size is None else float(self.step_size)
-        if self.step_constant <= 0:
-            raise UserError(f"annealed Langevin step_size must be positive, got {self.step_size}")
+        if self.step_size is not None:
+            if self.step_size <= 0:
+                raise UserError(f"annealed Langevin step_size must be positive, got {self.step_size}")
+            sigma_min = float(self.sde.marginal_std(torch.tensor(self.t_min, dtype=torch.float64)))
+            self.snr = float(self.step_size) ** 0.5 / (2.0 * sigma_min)
+        if self.snr <= 0:
+            raise UserError(f"annealed Langevin snr must be positive, got {self.snr}")
 
     def update(self, x, t, noise):
         tt = batch_time(t, x)
-        step = broadcast_to(self.step_constant * self.sde.marginal_std(tt) ** 2 / self.sigma_min ** 2, x)
+        step = broadcast_to(2.0 * self._alpha(x, tt) * (self.snr * self.sde.marginal_std(tt)) ** 2, x)
         x_mean = x
         for _ in range(self.corrector_steps):
-            x_mean = x + 0.5 * step * self.score_fn(x, tt)
-            x = x_mean + torch.sqrt(step) * noise()
+            x_mean = x + step * self.score_fn(x, tt)
+            x = x_mean + torch.sqrt(2.0 * step) * noise()
         return x, x_mean
 
 

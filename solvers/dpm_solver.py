@@ -11,11 +11,24 @@ Expanding the prediction in Taylor series around lambda_s (h = lambda_t - lambda
     psi_n(h) = sigma_t-free part of alpha_t int e^{-lambda} (lambda - lambda_s)^n / n!  = e^h - sum_{j<=n} h^j / j!
     chi_n(h) = sigma_t int e^{lambda} (lambda - lambda_s)^n / n! / alpha_t            = (-1)^{n+1} (e^{-h} - sum_{j<=n} (-h)^j / j!)
 
-Singlestep (`dpm2`, `dpm3`): algorithms 1 and 2 of the paper (r1 = 1/2; r1 = 1/3, r2 = 2/3). A budget K that
-the order k does not divide uses K // k steps of order k and one last step of order K mod k (sec. 3.4).
-Multistep (`dpm2m`, `dpm3m`; `dpmpp2m`, `dpmpp3m` with data prediction): one evaluation per step; the
-derivatives at lambda_s come from the Newton interpolant of the last k predictions (k - 1 warm-up steps of
-lower order). Every variant is valid for VP and sub-VP; the step grid is logSNR-uniform by default.
+Singlestep (`dpm2`, `dpm3`): algorithms 1 and 2 of the paper (r1 = 1/2; r1 = 1/3, r2 = 2/3). A budget of K
+evaluations is spent with the paper's order schedule (sec. 3.4, "DPM-Solver-fast"; `singlestep_orders`):
+order 3 uses [3] * (K // 3 - 1) + [2, 1], [3] * (K // 3) + [1] or [3] * (K // 3) + [2] for K % 3 = 0, 1, 2;
+order 2 uses [2] * (K // 2) (+ [1] for odd K). With the logSNR schedule the len(orders) steps are uniform in
+lambda; other schedules place the step ends on the K-step grid at the cumulative orders (official code).
+
+Multistep, one evaluation per step, predictions of earlier steps reused:
+- `dpm2m`, `dpm3m`: multistep DPM-Solver (noise prediction);
+- `dpmpp2m`, `dpmpp3m`: DPM-Solver++(2M) / (3M) of Lu et al. 2022b, multistep with data prediction
+  (the ODE solved in x0_hat, eq. 8 above), no thresholding.
+Order 2 is the DPM-Solver++ paper's algorithm 2 update, x_t = decay x_s + phi_0 ((1 + 1/(2r)) m_s - 1/(2r) m_prev)
+(the official code's default `solver_type="dpmsolver"`), used also in noise prediction for `dpm2m`. Order 3 is
+the third-order Taylor form of the exact solution with the derivatives at lambda_s of the quadratic through the
+last three predictions. (The official code's third-order multistep update weights its second divided
+difference by half of this Taylor weight; with that weight we measured second-order convergence on a Gaussian
+flow.) Warm-up steps have order 1, 2, ..; below 10 steps (DPM-Solver) / 15 steps (DPM-Solver++) the final steps
+drop back to order min(order, steps left), the official `lower_order_final`, which stabilises small budgets.
+Every variant is valid for VP and sub-VP; the step grid is logSNR-uniform by default.
 """
 from __future__ import annotations
 
@@ -43,9 +56,31 @@ def chi(n: int, h: float) -> float:
 
 
 def singlestep_orders(budget: int, order: int) -> list[int]:
-    """Orders of the singlestep steps that spend exactly `budget` evaluations: k, ..., k, then K mod k."""
-    orders = [order] * (budget // order)
-    return orders + [budget % order] if budget % order else orders
+    """Orders of the singlestep steps spending exactly `budget` = K evaluations (DPM-Solver sec. 3.4, "fast").
+
+    order 3: K % 3 == 0 -> [3] * (K // 3 - 1) + [2, 1]; K % 3 == 1 -> [3] * (K // 3) + [1];
+             K % 3 == 2 -> [3] * (K // 3) + [2].   order 2: [2] * (K // 2), plus [1] when K is odd.
+    """
+    k = int(budget)
+    if order == 3:
+        if k % 3 == 0:
+            return [3] * (k // 3 - 1) + [2, 1]
+        return [3] * (k // 3) + ([1] if k % 3 == 1 else [2])
+    if order == 2:
+        return [2] * (k // 2) + ([1] if k % 2 else [])
+    return [1] * k
+
+
+# Multistep: lower-order final steps below these step counts (the official DPM-Solver code's
+# `lower_order_final`: steps < 10 for DPM-Solver, < 15 for DPM-Solver++ as in its multistep scheduler).
+LOWER_ORDER_FINAL_BELOW = {False: 10, True: 15}
+
+
+def multistep_orders(steps: int, order: int, data: bool) -> list[int]:
+    """Order of each multistep step: warm-up 1, 2, ..., then `order`; with fewer than 10 (DPM-Solver) / 15
+    (DPM-Solver++) steps the last steps go down to order 1 again (min(order, steps - i) at step i)."""
+    final = steps < LOWER_ORDER_FINAL_BELOW[data]
+    return [min(order, i + 1, steps - i) if final else min(order, i + 1) for i in range(steps)]
 
 
 class _Table:
@@ -112,35 +147,43 @@ def _singlestep(sde, score_fn, x, grid, orders):
 def _multistep_row(sde, history: list[float], t_t: float, data: bool) -> dict[str, float]:
     """Scalars of a multistep update x_t = decay x_s + sum_j w_j m_j from the predictions m_j at `history`.
 
-    history[0] = s is the current time, history[1:] earlier ones. The derivatives of the prediction at lambda_s
-    follow from m_j = sum_n m^(n)(lambda_s) delta_j^n / n!, delta_j = lambda_j - lambda_s (exact for the
-    interpolating polynomial), so the weights solve V w = phi with V[n, j] = delta_j^n / n!.
+    history[0] = s is the current time, history[1:] earlier ones; k = len(history) is the step's order.
+    k = 2: the DPM-Solver++ paper's (2M) update (Lu et al. 2022b, alg. 2; noise-prediction analogue for
+    DPM-Solver), x_t = decay x_s + phi_0 ((1 + 1/(2r)) m_s - 1/(2r) m_prev), r = (lambda_s - lambda_prev) / h.
+    k = 1, 3: the Taylor expansion of the exact solution to order k - 1, with the derivatives at lambda_s of the
+    interpolating polynomial of the last k predictions: m_j = sum_n m^(n)(lambda_s) delta_j^n / n!,
+    delta_j = lambda_j - lambda_s, so the weights solve V w = phi with V[n, j] = delta_j^n / n!.
     """
     a_s, s_s, l_s = _coeffs(sde, history[0])
     a_t, s_t, l_t = _coeffs(sde, t_t)
     h, k = l_t - l_s, len(history)
     deltas = torch.tensor([_coeffs(sde, t)[2] - l_s for t in history], dtype=torch.float64)
-    vander = torch.stack([deltas ** n / math.factorial(n) for n in range(k)])
     if data:  # DPM-Solver++: x_t = (sigma_t / sigma_s) x_s + alpha_t sum_n chi_n(h) x0^(n)
         phi = torch.tensor([a_t * chi(n, h) for n in range(k)], dtype=torch.float64)
         decay = s_t / s_s
     else:  # DPM-Solver: x_t = (alpha_t / alpha_s) x_s - sigma_t sum_n psi_n(h) eps^(n)
         phi = torch.tensor([-s_t * psi(n, h) for n in range(k)], dtype=torch.float64)
         decay = a_t / a_s
-    weights = torch.linalg.solve(vander, phi).tolist()
+    if k == 2:
+        half_over_r = 0.5 * h / (-deltas[1].item())
+        weights = [phi[0].item() * (1.0 + half_over_r), -phi[0].item() * half_over_r]
+    else:
+        vander = torch.stack([deltas ** n / math.factorial(n) for n in range(k)])
+        weights = torch.linalg.solve(vander, phi).tolist()
     return {"t": history[0], "alpha": a_s, "sigma": s_s, "decay": decay, **{f"w{j}": w for j, w in enumerate(weights)}}
 
 
 def _multistep(sde, score_fn, x, grid, order, data):
     times = grid.tolist()
-    rows = _Table([_multistep_row(sde, times[max(0, i - order + 1):i + 1][::-1], times[i + 1], data)
-                   for i in range(len(times) - 1)], x).rows
+    orders = multistep_orders(len(times) - 1, order, data)
+    rows = _Table([_multistep_row(sde, times[i - k + 1:i + 1][::-1], times[i + 1], data)
+                   for i, k in enumerate(orders)], x).rows
     batch, past = x.shape[0], []
-    for c in rows:
+    for c, k in zip(rows, orders):
         score = score_fn(x, c["t"].expand(batch))
         m = (x + c["sigma"] ** 2 * score) / c["alpha"] if data else -c["sigma"] * score
         past = [m] + past[:order - 1]
-        x = c["decay"] * x + sum(c[f"w{j}"] * m_j for j, m_j in enumerate(past))
+        x = c["decay"] * x + sum(c[f"w{j}"] * past[j] for j in range(k))
     return x
 
 
@@ -153,7 +196,11 @@ def _dpm(sde, score_fn, shape, nfe, eps, x_T, generator, name, order, multistep,
     if multistep:
         return _multistep(sde, score_fn, x, time_grid(sde, budget, eps, schedule), order, data), budget
     orders = singlestep_orders(budget, order)
-    return _singlestep(sde, score_fn, x, time_grid(sde, len(orders), eps, schedule), orders), budget
+    if schedule == "logsnr":  # DPM-Solver-fast: the len(orders) outer steps uniform in lambda
+        grid = time_grid(sde, len(orders), eps, schedule)
+    else:  # other schedules: the step ends are the grid of `budget` steps at the cumulative orders (official)
+        grid = time_grid(sde, budget, eps, schedule)[torch.tensor([0] + orders).cumsum(0)]
+    return _singlestep(sde, score_fn, x, grid, orders), budget
 
 
 def _make(name: str, order: int, multistep: bool, data: bool):
@@ -161,9 +208,12 @@ def _make(name: str, order: int, multistep: bool, data: bool):
                 device=None, dtype=None):
         return _dpm(sde, score_fn, shape, nfe, eps, x_T, generator, name, order, multistep, data, schedule,
                     device, dtype)
-    kind = "DPM-Solver++" if data else "DPM-Solver"
+    if data:
+        kind = f"DPM-Solver++({order}M) (Lu et al. 2022b: multistep, data prediction)"
+    else:
+        kind = f"DPM-Solver-{order} ({'multistep' if multistep else 'singlestep'}, noise prediction)"
     sampler.__name__ = f"{name}_sampler"
-    sampler.__doc__ = f"{kind}-{order} ({'multistep' if multistep else 'singlestep'}) spending exactly `nfe` evaluations."
+    sampler.__doc__ = f"{kind} spending exactly `nfe` evaluations; returns (samples, nfe)."
     return register(name)(sampler)
 
 

@@ -16,7 +16,7 @@ import torch
 
 import configs
 import main
-from training.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, save_checkpoint
+from training.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint
 
 TOY = ["--config.model.hidden_dim=16", "--config.model.num_layers=2", "--config.model.embedding_dim=8",
        "--config.device=cpu"]

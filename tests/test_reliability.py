@@ -110,7 +110,9 @@ def hook(real):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     return wrapped
-if point in ("fsync", "replace"):  # inside the atomic writer: data in the temp file, not yet synced / renamed
+# inside the atomic writer: data in the temp file, not yet synced / renamed (each file is fsynced, renamed, then
+# its folder fsynced: fsync:1 is the first file's data, fsync:3 the second's)
+if point in ("fsync", "replace"):
     setattr(os, point, hook(getattr(os, point)))
 elif point == "compute":  # in the middle of the work, before any output is written
     import evaluation.sample_runner as s, evaluation.likelihood_runner as l
@@ -150,6 +152,9 @@ def test_kill_during_the_write_of_sample_and_likelihood_outputs(earlier_run, tmp
     assert len(_other_settings(base_files)) == 4  # sample npz/json/png of seed 5, likelihood with eps 1e-4
     results = _kill_runs(earlier_run, tmp_path, [("sample_fsync1", SAMPLE, "fsync:1"),
                                                  ("likelihood_replace1", LIKELIHOOD, "replace:1")])
+    for workdir, _ in results.values():  # killed before the first rename: every earlier file is as it was
+        now = {rel: data for rel, data in _files(workdir).items() if not os.path.basename(rel).startswith(".tmp_")}
+        assert now == base_files
     assert any(".tmp_" in rel for rel in _files(results["sample_fsync1"][0]))  # it died mid-write
     _assert_killed_and_intact(results, base_files)
 

@@ -119,6 +119,45 @@ def test_full_sweep_error_falls_to_noise_floor(solver, target):
     assert sw < SW_FACTOR * floor_sw
 
 
+# One cheap 64-dimensional check per sampler family in the default run (the full mix64 sweep is `-m slow`).
+# (solver, (small budget, options), (large budget, options), gap at the small budget is beyond this (signed),
+#  |gap| at the large budget below this). Gaps are E_true[log p] - E_samples[log p] on mix64 (VP), n = 1000
+# float32 samples, standard error 0.2. Measured (seeds 1, 2, 3): em -3.8/-3.8/-3.6 -> 0.01/0.33/0.25;
+# ancestral 25 -> 100: 0.67/0.30/0.57 -> -0.09/0.21/0.17; pc (snr 0.05) 2.65/2.65/2.9 -> 0.30/0.56/0.66;
+# dopri5 rtol 1e-2 -> 1e-4: -1.4/-2.1/-1.5 -> 0.35/-0.17/-0.06; torchsde euler 4.05/3.88/3.67 -> 0.89/0.64/0.67.
+# Bounds: the residual bias of the large budget plus 3 standard errors.
+MIX64_FAMILIES = [
+    ("em", (20, {}), (100, {}), -2.0, 0.9),
+    ("ancestral", (25, {}), (100, {}), None, 0.8),
+    ("pc", (60, {"snr": 0.05}), (200, {"snr": 0.05}), 1.5, 1.3),
+    ("ode", (None, {"rtol": 1e-2, "atol": 1e-2}), (None, {"rtol": 1e-4, "atol": 1e-4}), -0.7, 0.7),
+    ("sde_torchsde", (20, {}), (100, {}), 2.0, 1.4),
+]
+
+
+@pytest.fixture(scope="module")
+def mix64():
+    mixture = toy_mixture("mix64")
+    big = mixture.sample(20000, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return mixture, mixture.log_prob(big).mean().item()  # E_true[log p], standard error 0.04
+
+
+@pytest.mark.parametrize("solver,small,large,small_beyond,large_below", MIX64_FAMILIES,
+                         ids=[c[0] for c in MIX64_FAMILIES])
+def test_mix64_cheap_check_per_family(mix64, solver, small, large, small_beyond, large_below):
+    mixture, true_logp = mix64
+    sde = VPSDE()
+    gaps = []
+    for nfe, options in (small, large):
+        x, _ = solvers.sample(sde, mixture.score_fn(sde), (1000, 64), solver=solver, nfe=nfe, eps=EPS,
+                              generator=torch.Generator().manual_seed(1), **options)
+        gaps.append(true_logp - mixture.log_prob(x.double()).mean().item())
+    assert abs(gaps[1]) < large_below, gaps
+    if small_beyond is not None:  # the small budget is clearly worse, on the side its discretization errs
+        assert gaps[0] * math.copysign(1, small_beyond) > abs(small_beyond), gaps
+    assert mode_weight_tv(x, mixture) < 0.07  # binomial noise of the 5 weights at n = 1000: ~0.03
+
+
 def test_ald_on_discrete_ve():
     """ALD (NCSN) with a VE SDE of 10 discrete noise levels' geometric range recovers the ring's modes."""
     mixture = toy_mixture("ring2d")
@@ -190,6 +229,63 @@ def test_langevin_corrector_step_size_follows_snr():
     assert torch.allclose(mean, x + step * s) and torch.allclose(out, mean + torch.sqrt(2 * step) * z)
 
 
+def test_ald_corrector_step_is_the_reference_formula():
+    """pc's `ald` corrector: step 2 alpha_i (snr sigma(t))^2, x <- x + step s + sqrt(2 step) z (the score SDE code's
+    AnnealedLangevinDynamics), alpha_i = 1 - beta_i at i = int(t (N - 1) / T) for VP, 1 for VE."""
+    g = torch.Generator().manual_seed(2)
+    x, s, z = (torch.randn(32, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = 0.37
+    for sde in (VESDE(), VPSDE()):
+        for snr in (0.1, 0.3):
+            corrector = CORRECTORS["ald"](sde, lambda y, tt: s, corrector_steps=1, snr=snr)
+            out, mean = corrector.update(x, torch.tensor(t, dtype=torch.float64), lambda: z)
+            sigma = sde.marginal_std(torch.tensor(t, dtype=torch.float64))
+            if isinstance(sde, VPSDE):
+                betas = torch.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N, dtype=torch.float64)
+                alpha = 1 - betas[int(t * (sde.N - 1) / sde.T)]
+            else:
+                alpha = 1.0
+            step = 2 * alpha * (snr * sigma) ** 2
+            assert torch.allclose(mean, x + step * s, rtol=1e-12)
+            assert torch.allclose(out, mean + torch.sqrt(2 * step) * z, rtol=1e-12)
+
+
+@pytest.mark.parametrize("snr", [0.4, 0.6])
+def test_ald_corrector_stationary_variance_follows_snr(snr):
+    """Many `ald` corrector steps on a Gaussian p_t = N(0, v): the unadjusted Langevin chain's stationary variance
+    is v / (1 - h / (2 v)) with h = 2 (snr sigma)^2 (VE), so snr sets it in closed form (1.19 v at snr 0.4,
+    1.57 v at 0.6; a corrector ignoring snr, e.g. NCSN's 0.2 sigma^2 step, gives 1.05 v for both)."""
+    sde, t, n = VESDE(0.01, 5.0), 0.9, 20000
+    target = GaussianMixture([1.0], [[0.0]], [[0.1]])
+    sigma2 = sde.marginal_std(torch.tensor(t, dtype=torch.float64)).item() ** 2
+    v = 0.01 + sigma2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 1, generator=g, dtype=torch.float64) * math.sqrt(v)
+    corrector = CORRECTORS["ald"](sde, target.score_fn(sde), corrector_steps=60, snr=snr)
+    out, _ = corrector.update(x, torch.tensor(t, dtype=torch.float64),
+                              lambda: torch.randn(n, 1, generator=g, dtype=torch.float64))
+    h = 2 * snr ** 2 * sigma2
+    expected = v / (1 - h / (2 * v))
+    assert abs(out.var().item() / expected - 1) < 4 * math.sqrt(2 / n), (out.var().item(), expected)
+
+
+def test_ncsn_ald_sampler_is_song_and_ermon_step():
+    """The `ald` sampler's default is NCSN's step eps = 0.2 sigma_L^2, and a given step_size (eps) is honoured."""
+    sde = VESDE(0.01, 20.0)
+    g = torch.Generator().manual_seed(4)
+    x, s, z = (torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    for step_size in (2e-5, 1e-4):
+        corrector = CORRECTORS["ald"](sde, lambda y, tt: s, corrector_steps=1, snr=0.16, step_size=step_size,
+                                      t_min=EPS)
+        t = torch.tensor(0.6, dtype=torch.float64)
+        out, mean = corrector.update(x, t, lambda: z)
+        sigma, sigma_l = sde.marginal_std(t), sde.marginal_std(torch.tensor(EPS, dtype=torch.float64))
+        alpha = step_size * sigma ** 2 / sigma_l ** 2  # Song & Ermon 2019, alg. 1
+        assert torch.allclose(mean, x + alpha / 2 * s) and torch.allclose(out, mean + alpha.sqrt() * z)
+    from solvers.ald import NCSN_SNR
+    assert math.isclose(NCSN_SNR, math.sqrt(0.2 * 0.01 ** 2) / (2 * 0.01))
+
+
 # --- probability-flow ODE -------------------------------------------------------------------------------
 @pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(0.01, 20.0)], ids=["vp", "subvp", "ve"])
 def test_pf_ode_encode_decode_roundtrip(sde):
@@ -203,6 +299,30 @@ def test_pf_ode_encode_decode_roundtrip(sde):
     # latents look like the prior: VP/sub-VP unit variance, VE sigma_max
     assert abs(z.std().item() - float(sde.marginal_std(torch.tensor(1.0)))) < 0.15 * float(
         sde.marginal_std(torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(0.01, 20.0)], ids=["vp", "subvp", "ve"])
+def test_pf_ode_encode_decode_match_the_exact_gaussian_flow(sde):
+    """For a Gaussian target N(mu, diag(s^2)) every linear SDE has p_t = N(alpha mu, alpha^2 s^2 + sigma^2) and the
+    PF-ODE map is affine: (x - alpha mu) / sqrt(alpha^2 s^2 + sigma^2) is constant along it. So the latent of x at
+    eps is m_T + sd_T / sd_eps (x - m_eps), per coordinate, and decode is its inverse."""
+    target = GaussianMixture([1.0], [[1.5, -0.5]], [[0.3, 0.6]])
+    x = target.sample(64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def moments(t):
+        t = torch.tensor(t, dtype=torch.float64)
+        a, sig = sde.mean_coeff(t), sde.marginal_std(t)
+        return a * target.means[0], torch.sqrt(a ** 2 * target.stds[0] ** 2 + sig ** 2)
+
+    (m_eps, sd_eps), (m_T, sd_T) = moments(EPS), moments(sde.T)
+    z, _ = solvers.encode(sde, target.score_fn(sde), x, eps=EPS, rtol=1e-8, atol=1e-8)
+    exact_z = m_T + sd_T / sd_eps * (x - m_eps)
+    # measured relative error at rtol = atol = 1e-8: 1e-8 (VP, sub-VP), 4e-8 (VE)
+    assert torch.allclose(z, exact_z, rtol=1e-6, atol=1e-6 * sd_T.max().item()), (z - exact_z).abs().max()
+    prior = sde.prior_sampling((64, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    back, _ = solvers.decode(sde, target.score_fn(sde), prior, eps=EPS, rtol=1e-8, atol=1e-8)
+    exact_back = m_eps + sd_eps / sd_T * (prior - m_T)
+    assert torch.allclose(back, exact_back, rtol=1e-6, atol=1e-6), (back - exact_back).abs().max()
 
 
 def test_decoded_prior_samples_have_the_mixture_weights():
@@ -271,14 +391,19 @@ def test_generator_makes_samples_reproducible(solver):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("solver", ["em", "pc", "ode", "sde_torchsde"])
+@pytest.mark.parametrize("solver", solvers.available_solvers())
 def test_x_T_and_dtype_are_respected(solver):
-    mixture, sde = toy_mixture("ring2d"), VPSDE()
-    x_T = torch.randn(8, 2, dtype=torch.float64)
-    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=None if solver == "ode" else 60, x_T=x_T,
+    """Every sampler starts from the caller's x_T, keeps its dtype and leaves the caller's tensor unchanged."""
+    mixture = toy_mixture("ring2d")
+    sde = sde_for(solver)
+    x_T = sde.prior_sampling((8, 2), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    before = x_T.clone()
+    nfe = None if solver in ("ode", "ode_scipy", "adaptive") else 60
+    x, _ = solvers.sample(sde, mixture.score_fn(sde), (8, 2), solver=solver, nfe=nfe, x_T=x_T,
                           generator=torch.Generator().manual_seed(0))
-    assert x.dtype == torch.float64
-    assert torch.equal(x_T, x_T.clone())  # not modified in place
+    assert x.dtype == torch.float64 and x.shape == (8, 2)
+    assert torch.equal(x_T, before)  # not modified in place
+    assert not torch.equal(x, before)
 
 
 @pytest.mark.gpu
@@ -312,6 +437,8 @@ def _ring_vp():
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="sde_srk", nfe=5), "too small"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="ancestral", nfe=10), "beta = 2 >= 1"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="em", x_T=torch.zeros(3, 2)), "x_T has shape"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", step_size=1e-4), "step_size applies to the 'ald'"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", corrector="ald", snr=0.0), "snr must be positive"),
 ])
 def test_clear_user_errors(call, match):
     sde, score = _ring_vp()
