@@ -75,7 +75,7 @@ class BrownianMemory:
         width = self.times.shape[1]
         self.s_cur = torch.where(accept, self.s_query, self.s_cur)
         self.w_cur = torch.where(accept[:, None], self.w_query, self.w_cur)
-        passed = torch.where(accept, (self.times <= self.s_query[:, None]).sum(1), torch.zeros_like(accept, dtype=torch.long))
+        passed = (self.times <= self.s_query[:, None]).sum(1) * accept.long()
         src = torch.arange(width, device=passed.device)[None, :] + passed[:, None]
         valid = src < width
         src = src.clamp_max(width - 1)

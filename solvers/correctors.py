@@ -53,7 +53,8 @@ class LangevinCorrector(Corrector):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.step_size is not None:
-            raise UserError("step_size applies to the 'ald' corrector only; the Langevin corrector's step is set by snr")
+            raise UserError("step_size applies to the 'ald' corrector only; the Langevin corrector's step is "
+                            "set by snr")
 
     def update(self, x, t, noise):
         tt = batch_time(t, x)

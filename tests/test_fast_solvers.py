@@ -270,6 +270,20 @@ def test_dpm_solver_singlestep_is_the_papers_algorithm(name, nfe, orders):
     assert used == nfe and torch.allclose(got, x, rtol=1e-9, atol=1e-10), (got - x).abs().max()
 
 
+def test_dpm_solver_singlestep_other_schedules_use_the_budget_grid():
+    """With a time-uniform schedule the step ends are the K-step grid at the cumulative orders (official code):
+    K = 6, orders [3, 2, 1] -> grid points 0, 3, 5, 6 of t_j = T + j (eps - T) / 6."""
+    sde = VPSDE()
+    p = _Paper(sde)
+    x_T = sde.prior_sampling((16, 2), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    fine = [1.0 + j * (EPS - 1.0) / 6 for j in range(7)]
+    x = x_T
+    for (a, b), k in zip([(0, 3), (3, 5), (5, 6)], [3, 2, 1]):
+        x = _paper_dpm_solver_step(p, x, fine[a], fine[b], k)
+    got, _ = run("dpm3", sde, p.score, x_T, 6, schedule="uniform")
+    assert torch.allclose(got, x, rtol=1e-9, atol=1e-10), (got - x).abs().max()
+
+
 @pytest.mark.parametrize("name,steps,orders", [("dpmpp2m", 3, [1, 2, 1]), ("dpmpp2m", 16, [1] + [2] * 15),
                                                ("dpm2m", 4, [1, 2, 2, 1]), ("dpmpp3m", 5, [1, 2, 3, 2, 1]),
                                                ("dpm3m", 3, [1, 2, 1])])
