@@ -103,12 +103,16 @@ def resolve_weights(path: str = "", download: bool = True) -> str:
         return target
     if not download or not _online():
         raise UserError(missing_weights_message(target))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60.0)  # a stalled connection fails instead of hanging
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         # torch hub writes to a temp file and renames it; the hash prefix is checked before the rename
         torch.hub.download_url_to_file(WEIGHTS_URL, target, hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         raise UserError(f"{missing_weights_message(target)} (download failed: {str(error).splitlines()[0]})") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     return target
 
 

@@ -135,6 +135,17 @@ def test_missing_weights_is_one_line_without_download(tmp_path, monkeypatch, cap
     assert code == 2 and len(err.splitlines()) == 1 and inception.WEIGHTS_URL in err
     with pytest.raises(UserError, match="is not a file"):
         inception.resolve_weights(str(tmp_path / "nope.pth"))
+    # online but the download fails: the same line and the reason, no traceback
+    import urllib.error
+
+    def refused(*args, **kwargs):
+        raise urllib.error.URLError("connection refused")
+
+    monkeypatch.setattr(inception, "_online", lambda *a, **k: True)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refused)
+    with pytest.raises(UserError, match="download failed.*connection refused") as error:
+        inception.resolve_weights("")
+    assert "\n" not in str(error.value) and inception.WEIGHTS_URL in str(error.value)
 
 
 def test_weights_files_are_checked(tmp_path):
