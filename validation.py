@@ -131,6 +131,11 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
         check_time("sampling.eps", s.eps, T)
         check_real("sampling.snr", s.snr, 0.0, 100.0, lo_open=True)
         check_int("sampling.n_steps_each", s.n_steps_each, 0, 1000)
+        for key in ("rtol", "atol"):  # optional (None: the solver's default)
+            if s.get(key) is not None:
+                check_real(f"sampling.{key}", s[key], 0.0, 1.0, lo_open=True)
+        if s.get("method") is not None and not isinstance(s.method, str):
+            raise UserError(f"sampling.method must be a method name (e.g. dopri5, rk4, RK45, euler), got {s.method!r}")
     ev = config.get("eval")
     if ev is not None and mode == "train":
         check_int("eval.fid_every", ev.get("fid_every", 0) or 0, 0, hi, hint)
@@ -143,7 +148,7 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
         check_int("eval.kid_subset_size", ev.kid_subset_size, 2, hi, hint)
         check_int("eval.kid_reference_features", ev.kid_reference_features, 2, hi, hint)
         check_int("eval.isc_splits", ev.isc_splits, 1, 10_000)
-    if mode in ("likelihood", "interpolate"):
+    if mode == "likelihood":
         lk = config.likelihood
         check_real("likelihood.rtol", lk.rtol, 0.0, 1.0, lo_open=True)
         check_real("likelihood.atol", lk.atol, 0.0, 1.0, lo_open=True)

@@ -103,7 +103,10 @@ def save_image_grid(path: str, images, nrow: int | None = None, title: str = "",
     plt = _pyplot()
     grid = make_grid(images, nrow)
     columns = nrow or int(math.ceil(math.sqrt(_as_numpy(images).shape[0])))
-    grid = upscale_nearest(grid, min_width)
+    # wide enough for the title (at most 7.5 px per character at 9 pt) and every column label (6 px at 8 pt)
+    widest_label = max((len(label) for label in col_labels or []), default=0)
+    needed = max(min_width, int(7.5 * len(title)) + 10, (6 * widest_label + 12) * columns if col_labels else 0)
+    grid = upscale_nearest(grid, needed)
     height, width = grid.shape[:2]
     dpi = 100
     lines = (1 if title else 0) + (1 if col_labels else 0)

@@ -67,8 +67,21 @@ class SampleFigureCallback:
 
             images = get_data_inverse_scaler(config)(samples).clamp(0, 1)
             save_image_grid(self.path, images[:64], title=title)
+        if self.path:
+            _log_image(event.workdir, event.step, self.path)
         self.seconds = time.perf_counter() - start
         return scalars
+
+
+def _log_image(workdir: str, step: int, png: str) -> None:
+    """The figure as an image in TensorBoard (run `samples` under workdir/tensorboard), at the training step."""
+    import matplotlib.image
+    from torch.utils.tensorboard import SummaryWriter
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    rgb = (rgb * 255).round().astype("uint8") if rgb.dtype.kind == "f" else rgb
+    with SummaryWriter(log_dir=os.path.join(workdir, "tensorboard", "samples")) as writer:
+        writer.add_image("samples", rgb, step, dataformats="HWC")
 
 
 def _toy_sw2(config, samples: torch.Tensor) -> float:

@@ -150,6 +150,7 @@ def write_markdown(path: str, rows: list[dict], floor: dict, header: str, budget
 def write_plot(path: str, rows: list[dict], floor: dict, title: str, metrics=METRICS) -> None:
     """Quality against NFE used, one line per solver, noise floors dashed."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -176,6 +177,7 @@ def write_plot(path: str, rows: list[dict], floor: dict, title: str, metrics=MET
             ax.legend(handles=[reference_line], fontsize=7, loc="lower left")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.set_xlabel("NFE used")
         ax.set_ylabel(("|%s|" % metric) if metric == "logp_gap" else metric)
         ax.grid(alpha=0.3)
@@ -272,7 +274,8 @@ def main(argv=None) -> int:
         mixture = toy_mixture(name) if name in TOY_MIXTURES else None
         reference = sample_toy(name, n, generator=g_ref, dtype=torch.float64)
         second = sample_toy(name, n, generator=g_ref, dtype=torch.float64)
-        what = f"trained checkpoint {args.workdir} (config {args.config}, step {step}), data {name}"
+        source = args.config or os.path.join(args.workdir, "config.json")
+        what = f"trained checkpoint {args.workdir} (config {source}, step {step}), data {name}"
         dim = reference.shape[1]
     else:
         mixture, sde, score_fn = analytic_target(args.target, args.sde)

@@ -20,8 +20,9 @@ increments are exact Brownian increments and the bias falls with rtol (docs/SOLV
 Batching: every sample has its own t and h (the paper's per-sample controller); the batch advances together,
 samples that reached eps take steps of size 0. Each iteration evaluates the score twice on the whole batch, so
 nfe_used = 2 * iterations, rejected trials included. The only host synchronisation is one `any()` per
-iteration to decide whether any sample is still running. `nfe`, when given, is a hard cap (default 10000): when
-it leaves room for one trial only, that trial covers the remaining time and is accepted whatever its error
+iteration to decide whether any sample is still running. `nfe`, when given, is a hard cap (default 10000): a sample
+whose next step could not reach eps within the trials the cap still affords takes the step (t - eps) / trials
+instead and accepts it whatever its error, so the tail becomes a fixed-step improved-Euler run over the rest
 (less accurate, never over the cap; raise nfe or loosen rtol/atol when the used NFE equals the cap).
 """
 from __future__ import annotations
@@ -62,9 +63,12 @@ def adaptive_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, gene
     x_prev, used = x, 0
     memory = BrownianMemory(batch, dim, x, generator) if noise == "bridge" else None
     while True:
-        final = used + 4 > cap  # the cap leaves no room for a trial after this one: cover the rest now
-        if final:
-            h = (t - eps).clamp_min(0.0)
+        # The cap affords `trials` more trials: a step shorter than (t - eps) / trials could not reach eps in
+        # time, so such a step is lengthened to that floor and accepted (equal steps over what remains).
+        trials = (cap - used) // 2
+        floor = (t - eps).clamp_min(0.0) / trials
+        forced = h <= floor
+        h = torch.maximum(h, floor)
         # Brownian increment of the trial step: from the kept path, or fresh (the paper's algorithm).
         if memory is None:
             w = h.sqrt()[:, None] * gaussian_like(x, generator).reshape(batch, -1)
@@ -79,7 +83,7 @@ def adaptive_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, gene
         delta = torch.maximum(torch.full_like(x, atol), rtol * torch.maximum(x_em.abs(), x_prev.abs()))
         scaled = ((x_em - x_ie) / delta).reshape(batch, -1)
         err = scaled.abs().amax(1) if norm == "linf" else scaled.norm(dim=1) / math.sqrt(dim)
-        accept = ((err <= 1.0) | final) & (h > 0)
+        accept = ((err <= 1.0) | forced) & (h > 0)
         mask = broadcast_to(accept, x)
         x = torch.where(mask, x_ie, x)
         x_prev = torch.where(mask, x_em, x_prev)

@@ -33,7 +33,7 @@ class CappedScore(CountingScore):
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cap is not None and self.calls >= self.cap:
             raise UserError(f"ode ({self.method}): more than nfe={self.cap} score evaluations needed at "
-                            f"rtol={self.rtol:g}, atol={self.atol:g}; raise nfe (config sampling.nfe), loosen "
+                            f"rtol={self.rtol:g}, atol={self.atol:g}; raise nfe (--nfe, config sampling.nfe), loosen "
                             "sampling.rtol / sampling.atol" + (", or use a fixed-step sampling.method (euler, midpoint, "
                                                                "rk4)" if self.method in ADAPTIVE_METHODS else ""))
         return super().__call__(x, t)

@@ -474,7 +474,6 @@ def test_runner_toy_report_matches_exact_density():
 
 def test_runner_image_split_bits_per_dim():
     """Digits (8x8, 8-bit) under a per-pixel Gaussian with its exact score: bpd matches the closed-form bound."""
-    pytest.importorskip("data.loaders")
     import configs
     from data.digits import load_digits_uint8
     from evaluation.likelihood_runner import evaluate
@@ -515,8 +514,9 @@ def test_runner_image_split_bits_per_dim():
 def test_cli_writes_json_in_the_likelihood_folder(tmp_path):
     """`main.py --mode likelihood` on a (randomly initialised) checkpoint prints bits/dim and writes the JSON
     (WORKDIR/likelihood/, the name carries a hash of the non-default settings)."""
-    checkpoint = pytest.importorskip("training.checkpoint")
     import json
+
+    from training import checkpoint
 
     import configs
     import main

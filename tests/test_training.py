@@ -295,6 +295,10 @@ def test_image_run_writes_a_sample_grid(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(callbacks[0].path).shape[1] >= 256
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = EventAccumulator(str(tmp_path / "tensorboard" / "samples")).Reload().Images("samples")
+    assert [image.step for image in images] == [2]
 
 
 OBJECTIVES = [  # (id, config, training overrides, sde overrides, steps); SW-2 measured with config.seed 0 / 1
