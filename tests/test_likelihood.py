@@ -612,3 +612,21 @@ def test_discrete_vp_model_has_a_continuous_pf_ode_drift_by_default():
     # (relative drift change ~ sqrt(1 - abar_i) / sqrt(1 - abar_{i-1}) - 1: 0.5 at i = 1, 2.6e-4 at i = 500)
     assert min(narrow) > 1e-4 and narrow[0] > 0.3, narrow
     assert all(n > w / 2 for n, w in zip(narrow, wide)), (wide, narrow)
+
+
+def test_bench_likelihood_ode_script_runs(tmp_path, monkeypatch, capsys):
+    """The error-vs-NFE benchmark (docs/PERFORMANCE.md) runs end to end and its numbers are consistent."""
+    import json
+    import sys
+
+    from scripts import bench_likelihood_ode
+
+    out = tmp_path / "ode.json"
+    monkeypatch.setattr(sys, "argv", ["bench_likelihood_ode.py", "--problems", "ring2d:vp", "--batch", "4",
+                                      "--settings", "default,paper,dopri5/1e-4/joint_rms/log_sigma/x_over_alpha",
+                                      "--estimators", "", "--out", str(out)])
+    bench_likelihood_ode.main()
+    rows = json.loads(out.read_text())["ode"]
+    assert [r["setting"] for r in rows][:2] == ["default", "paper"]
+    assert all(r["nfe"] > 10 and 0 < r["error_bpd"] < 1e-2 for r in rows), rows
+    assert "| ring2d:vp | paper |" in capsys.readouterr().out
