@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -68,13 +69,15 @@ def timed(fn, device: torch.device, repeats: int = 1, rounds: int = 1) -> float:
     return best
 
 
-def matmul_rate(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16, repeats: int = 10) -> float:
-    """Measured dense matmul rate (FLOP/s) of an n x n x n product in `dtype` on `device`."""
+def matmul_rate(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
+                rounds: int = 5) -> float:
+    """Measured dense matmul rate (FLOP/s) of an n x n x n product in `dtype` on `device`: the median over
+    `rounds` timings of `repeats` products each (one lucky or one disturbed round does not set the MFU reference)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    seconds = timed(lambda: a @ b, device, repeats)
+    seconds = statistics.median(timed(lambda: a @ b, device, repeats) for _ in range(rounds))
     return 2.0 * n ** 3 / seconds
 
 
@@ -254,7 +257,8 @@ def parse_args(argv):
     parser.add_argument("--parts", default="train,sample,likelihood")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="tiny networks and batches (CPU smoke run)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: one thread on a CPU device, said so; left as is for CUDA)")
     parser.add_argument("--out", default="throughput.json")
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
@@ -276,10 +280,15 @@ def _format_overrides(overrides: list[str]) -> list[str]:
 
 def run(args) -> dict:
     """All measurements of `args`; returns the JSON-ready report."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        # Several threads on a small, busy CPU fight the other jobs (2 threads on a loaded 2-core VM: 0.5 img/s
+        # instead of 44.5); one thread is the reproducible default, --threads N asks for more.
+        torch.set_num_threads(1)
+        print("throughput: CPU device, using 1 torch thread (--threads N for more)", flush=True)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda but CUDA is not available")

@@ -28,6 +28,7 @@ import torch
 import torchdiffeq
 
 from errors import UserError
+from likelihood.time_change import TimeChange, check_state, scaled_state_field
 from likelihood.divergence import DIVERGENCES, draw_probes, exact_divergence, hutchinson_divergence
 from sde_lib.base import SDE, ScoreFn
 from solvers.common import CountingScore  # the NFE counter the samplers use
@@ -65,7 +66,15 @@ def _check_inputs(sde: SDE, x: torch.Tensor, eps: float, method: str, rtol: floa
 
 
 def _drift_and_divergence(sde: SDE, score: CountingScore, divergence: str, probes: torch.Tensor | None):
-    """f(x, t) -> (PF-ODE drift, its divergence per sample), both detached."""
+    """f(x, t) -> (PF-ODE drift, its divergence per sample), both detached.
+
+    Both Hutchinson-Skilling probes estimate the divergence of the whole drift f - g^2 s / 2. Estimating only the
+    score part and adding div f = -beta D / 2 in closed form (VP) was measured worse for Gaussian probes (mix64,
+    VP: 1.5 instead of 0.2 bits/dim per image): the linear drift cancels most of the score's Jacobian, which the
+    cross term 4 c tr(A) of Var[e^T (c I + A) e] = 2 ||c I + A||_F^2 accounts for; for Rademacher probes
+    e^T c I e = c D exactly, so the split would change nothing.
+    """
+
     reverse = sde.reverse(score, probability_flow=True)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +90,29 @@ def _drift_and_divergence(sde: SDE, score: CountingScore, divergence: str, probe
     return fn
 
 
+def _in_variable(fn, change: TimeChange):
+    """(x, s) -> (dx/ds, d delta/ds) = (f~, div f~) dt/ds at t = t(s): both integrals change variables alike."""
+
+    def fn_s(x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dt_ds = change.dt_ds(s)
+        drift, div = fn(x, change.t_of_s(s))
+        return drift * dt_ds, div * dt_ds
+
+    return fn_s
+
+
 @torch.no_grad()  # the divergence's VJP is enabled locally in `fn`, nothing else keeps a graph
 def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e-5, method: str = "dopri5",
-                   rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "hutchinson_gaussian",
+                   rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "hutchinson_rademacher",
                    n_probes: int = 1, generator: torch.Generator | None = None,
                    prior_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   options: dict | None = None, time_variable: str = "t",
+                   state: str = "x") -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample log p_eps(x) through the PF-ODE; returns (logp (batch,), z = x(T), nfe).
 
+    `time_variable` = "t" integrates in t, "log_sigma" in s = log(sigma(t) / alpha(t)); `state` = "x" integrates
+    x, "x_over_alpha" the semi-linear state x / alpha(t) (likelihood.time_change; both measured no cheaper on
+    the mixtures, see docs/PERFORMANCE.md).
     `prior_logp(z)` replaces `sde.prior_logp` at T (e.g. the exact marginal p_T in tests); `generator`
     draws the Hutchinson probes, fixed for the whole integration; `options` go to torchdiffeq.odeint
     (e.g. {"step_size": 0.01} for fixed-step methods).
@@ -98,10 +122,20 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
     score = CountingScore(score_fn)
     probes = draw_probes(x, divergence, int(n_probes), generator)
     fn = _drift_and_divergence(sde, score, divergence, probes)
+    change = TimeChange(sde, time_variable)
+    check_state(sde, state)
+    if state != "x":
+        fn = scaled_state_field(fn, sde)
+    if time_variable != "t":
+        fn = _in_variable(fn, change)
+    start, end = (float(change.s_of_t(torch.tensor(v, dtype=torch.float64))) for v in (eps, sde.T))
+    x0 = x / sde.mean_coeff(torch.tensor(eps, dtype=x.dtype, device=x.device)) if state != "x" else x
     if method == SCIPY_METHOD:
-        z, delta = _integrate_scipy(fn, x, eps, sde.T, rtol, atol)
+        z, delta = _integrate_scipy(fn, x0, start, end, rtol, atol)
     else:
-        z, delta = _integrate_torchdiffeq(fn, x, eps, sde.T, method, rtol, atol, options)
+        z, delta = _integrate_torchdiffeq(fn, x0, start, end, method, rtol, atol, options)
+    if state != "x":
+        z = z * sde.mean_coeff(torch.tensor(sde.T, dtype=x.dtype, device=x.device))
     logp = prior_logp(z) + delta  # App. D.2, eq. 40
     return logp, z, score.calls
 
@@ -117,19 +151,25 @@ def joint_rms_norm(state) -> torch.Tensor:
     return flat.pow(2).mean().sqrt()
 
 
-def _integrate_torchdiffeq(fn, x, eps, T, method, rtol, atol, options):
-    """Joint (x, delta) integration from eps to T with torchdiffeq, state kept on x's device."""
+def max_rms_norm(state) -> torch.Tensor:
+    """torchdiffeq's own norm for a tuple state: the largest of the RMS norms of x and of delta."""
+    parts = state if isinstance(state, (tuple, list)) else (state,)
+    return torch.stack([part.pow(2).mean().sqrt() for part in parts]).max()
+
+
+def _integrate_torchdiffeq(fn, x, start, end, method, rtol, atol, options):
+    """Joint (x, delta) integration from start to end with torchdiffeq, state kept on x's device."""
 
     def ode(t, state):
         return fn(state[0], t)
 
     state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
-    times = torch.tensor([eps, T], dtype=x.dtype, device=x.device)
+    times = torch.tensor([start, end], dtype=x.dtype, device=x.device)
     xs, deltas = torchdiffeq.odeint(ode, state0, times, rtol=rtol, atol=atol, method=method, options=options)
     return xs[-1], deltas[-1]
 
 
-def _integrate_scipy(fn, x, eps, T, rtol, atol):
+def _integrate_scipy(fn, x, start, end, rtol, atol):
     """Reference path: scipy RK45 on the flattened batch [x.ravel(), delta] through numpy each step."""
     from scipy.integrate import solve_ivp
 
@@ -141,7 +181,7 @@ def _integrate_scipy(fn, x, eps, T, rtol, atol):
         return np.concatenate([drift.cpu().numpy().reshape(-1), div.cpu().numpy()]).astype(np.float64)
 
     y0 = np.concatenate([x.detach().cpu().numpy().reshape(-1), np.zeros(batch)]).astype(np.float64)
-    sol = solve_ivp(ode, (eps, T), y0, rtol=rtol, atol=atol, method="RK45")
+    sol = solve_ivp(ode, (start, end), y0, rtol=rtol, atol=atol, method="RK45")
     if not sol.success:
         raise RuntimeError(f"scipy RK45 failed: {sol.message}")
     end = torch.from_numpy(sol.y[:, -1]).to(device=x.device, dtype=x.dtype)

@@ -97,8 +97,11 @@ def run_method(method, sde, score_fn, images, batch_size, scale, args, device):
     default for a tuple state (the max of the RMS norms of x and of delta log p).
     """
     options = {}
+    method, *variables = method.split(":")  # NAME:TIME_VARIABLE[:STATE], e.g. dopri5_rms:log_sigma:x_over_alpha
+    if variables:
+        options.update(time_variable=variables[0], state=variables[1] if len(variables) > 1 else "x")
     if method.endswith("_rms"):
-        method, options = method[:-4], {"options": {"norm": joint_rms_norm}}
+        method, options = method[:-4], {**options, "options": {"norm": joint_rms_norm}}
     generator = torch.Generator(device=device).manual_seed(args.seed)
     bpds, nfes = [], []
     if device.type == "cuda":
@@ -125,7 +128,8 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--methods", default="dopri5,dopri5_rms,scipy_rk45",
-                        help="comma-separated: torchdiffeq methods, NAME_rms (scipy's error norm), scipy_rk45")
+                        help="comma-separated: torchdiffeq methods, NAME_rms (scipy's error norm), scipy_rk45; "
+                        "NAME:log_sigma[:x_over_alpha] integrates in s = log(sigma/alpha) [and the state x/alpha]")
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol for both paths")
     parser.add_argument("--eps", type=float, default=1e-5)
     parser.add_argument("--divergence", default="hutchinson_rademacher")

@@ -184,7 +184,12 @@ def test_throughput_benchmark_quick_smoke(tmp_path):
                                   "--batch_sizes", "2", "--steps", "1", "--warmup", "0", "--sample_batch", "2",
                                   "--sample_nfe", "2", "--likelihood_batch", "1", "--likelihood_tol", "1e-3",
                                   "--matmul_size", "64", "--out", str(out)] + [f"--config.{o}" for o in TINY_UNET])
-    report = throughput.run(args)
+    threads = torch.get_num_threads()
+    try:
+        report = throughput.run(args)
+        assert torch.get_num_threads() == 1 and "1 threads" in report["device"]  # the CPU default
+    finally:
+        torch.set_num_threads(threads)
     row = report["training"][0]
     assert row["images_per_s"] > 0 and math.isfinite(row["loss"])
     flops = report["flops_per_image"]["vp_cifar"]

@@ -1,0 +1,128 @@
+"""Accuracy vs cost of the PF-ODE likelihood on the analytic mixtures (exact scores, closed-form densities).
+
+Two measurements, each printed as a Markdown table (and written as JSON with --out):
+
+* ODE error: |log p_ODE - log p_eps exact| / (D log 2) in bits/dim (mean over the batch), exact divergence,
+  exact mixture score, the prior at T replaced by the exact marginal p_T (so only the integration error is
+  left), and the score evaluations (NFE) of one pass, for each integrator setting.
+* Per-image estimator error: |log p with the divergence estimator - log p with the exact divergence| / (D log 2)
+  per image (RMS over images), same integrator, and the wall time relative to one Rademacher probe.
+
+Examples:
+  python scripts/bench_likelihood_ode.py
+  python scripts/bench_likelihood_ode.py --problems ring2d:vp,mix64:vp --settings old_default,paper,default
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from atomic_io import write_json  # noqa: E402
+from data import toy_mixture  # noqa: E402
+from likelihood import log_likelihood  # noqa: E402
+from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
+
+SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+EPS = 1e-5
+# Integrator settings: keyword arguments of log_likelihood ("default" = the current defaults).
+SETTINGS = {
+    "default": {},
+    "old_default": {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "options": {"norm": "max_rms"},
+                    "time_variable": "t"},
+    "paper": {"method": "scipy_rk45", "rtol": 1e-5, "atol": 1e-5, "time_variable": "t"},
+}
+
+
+def _setting(name: str) -> dict:
+    """log_likelihood keyword arguments of a named setting, or of METHOD/TOL/NORM/VARIABLE
+    (e.g. dopri5/1e-4/joint_rms/log_sigma/x_over_alpha; NORM max_rms or joint_rms, VARIABLE t or
+    log_sigma, optional STATE x or x_over_alpha)."""
+    from likelihood import joint_rms_norm
+    from likelihood.ode import max_rms_norm
+
+    if name not in SETTINGS:
+        method, tol, norm, variable, *state = name.split("/")
+        return {"method": method, "rtol": float(tol), "atol": float(tol), "time_variable": variable,
+                "state": state[0] if state else "x",
+                "options": {"norm": {"max_rms": max_rms_norm, "joint_rms": joint_rms_norm}[norm]}}
+    kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SETTINGS[name].items()}
+    norm = kwargs.get("options", {}).get("norm")
+    if norm is not None:
+        kwargs["options"]["norm"] = {"max_rms": max_rms_norm, "joint_rms": joint_rms_norm}[norm]
+    return kwargs
+
+
+def ode_error(mixture, sde, x, setting: str) -> tuple[float, int]:
+    """Mean ODE error in bits/dim (exact divergence and score, exact p_T) and the NFE of one pass."""
+    prior = lambda z: mixture.marginal_log_prob(z, sde.T, sde)  # noqa: E731
+    logp, _, nfe = log_likelihood(sde, mixture.score_fn(sde), x, eps=EPS, divergence="exact", prior_logp=prior,
+                                  **_setting(setting))
+    exact = mixture.marginal_log_prob(x, EPS, sde)
+    return float((logp - exact).abs().mean() / (mixture.dim * math.log(2))), nfe
+
+
+def estimator_error(mixture, sde, x, divergence: str, n_probes: int, seed: int) -> tuple[float, float]:
+    """RMS per-image error in bits/dim of the estimator against the exact divergence, and its wall seconds."""
+    score = mixture.score_fn(sde)
+    exact, _, _ = log_likelihood(sde, score, x, eps=EPS, divergence="exact")
+    start = time.perf_counter()
+    est, _, _ = log_likelihood(sde, score, x, eps=EPS, divergence=divergence, n_probes=n_probes,
+                               generator=torch.Generator().manual_seed(seed))
+    seconds = time.perf_counter() - start
+    err = (est - exact) / (mixture.dim * math.log(2))
+    return float(err.pow(2).mean().sqrt()), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", default="ring2d:vp,mix64:vp,ring2d:subvp,ring2d:ve,mix64:ve",
+                        help="comma-separated MIXTURE:SDE")
+    parser.add_argument("--settings", default="old_default,paper,default")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--estimators", default="hutchinson_gaussian,hutchinson_rademacher",
+                        help="divergence estimators for the per-image table (mix64, VP); empty to skip")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"command": " ".join(["python"] + sys.argv),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                          f"torch {torch.__version__}, {args.threads} thread(s)", "ode": [], "estimators": []}
+    print("| problem | setting | ODE error (bits/dim) | NFE |\n|---|---|---|---|")
+    for problem in args.problems.split(","):
+        name, sde_name = problem.split(":")
+        mixture, sde = toy_mixture(name), SDES[sde_name]()
+        x = mixture.sample(args.batch, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for setting in args.settings.split(","):
+            error, nfe = ode_error(mixture, sde, x, setting)
+            results["ode"].append({"problem": problem, "setting": setting, "error_bpd": error, "nfe": nfe})
+            print(f"| {problem} | {setting} | {error:.1e} | {nfe} |", flush=True)
+    if args.estimators:
+        mixture, sde = toy_mixture("mix64"), VPSDE()
+        x = mixture.sample(args.batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        _, reference = estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, 0)  # warm-up
+        _, reference = estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, 0)
+        print("\n| mix64 VP estimator | probes | RMS per-image error (bits/dim) | time / 1 Rademacher probe |")
+        print("|---|---|---|---|")
+        for spec in args.estimators.split(","):
+            divergence, _, probes = spec.partition(":")
+            error, seconds = estimator_error(mixture, sde, x, divergence, int(probes or 1), 0)
+            results["estimators"].append({"divergence": divergence, "n_probes": int(probes or 1),
+                                          "rms_error_bpd": error, "time_ratio": seconds / reference})
+            print(f"| {divergence} | {probes or 1} | {error:.1e} | {seconds / reference:.2f} |", flush=True)
+    if args.out:
+        write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
