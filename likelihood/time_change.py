@@ -9,6 +9,7 @@ Closed forms, with B(t) = int_0^t beta = beta_min t + (beta_max - beta_min) t^2 
   VP:     sigma / alpha = sqrt(e^B - 1),      B(s) = log(1 + e^{2s}),      dB/ds = 2 e^{2s} / (1 + e^{2s})
   sub-VP: sigma / alpha = 2 sinh(B / 2),      B(s) = 2 asinh(e^s / 2),     dB/ds = e^s / sqrt(1 + e^{2s} / 4)
   VE:     sigma / alpha = sigma_min (sigma_max / sigma_min)^t: s is affine in t, dt/ds = 1 / log(sigma_max / sigma_min)
+  EDM:    sigma / alpha = t: s = log t, dt/ds = e^s
 and t(B) is the positive root of the quadratic B(t), dt/dB = 1 / beta(t).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import torch
 
 from errors import UserError
-from sde_lib import VESDE, VPSDE, subVPSDE
+from sde_lib import EDMSDE, VESDE, VPSDE, subVPSDE
 from sde_lib.base import SDE
 
 TIME_VARIABLES = ("t", "log_sigma")
@@ -30,8 +31,8 @@ class TimeChange:
     def __init__(self, sde: SDE, variable: str):
         if variable not in TIME_VARIABLES:
             raise UserError(f"unknown time_variable {variable!r}; valid: {', '.join(TIME_VARIABLES)}")
-        if variable != "t" and not isinstance(sde, (VPSDE, VESDE)):
-            raise UserError(f"time_variable {variable!r} needs a VP, sub-VP or VE SDE, got {type(sde).__name__}")
+        if variable != "t" and not isinstance(sde, (VPSDE, VESDE, EDMSDE)):
+            raise UserError(f"time_variable {variable!r} needs a VP, sub-VP, VE or EDM SDE, got {type(sde).__name__}")
         self.sde, self.variable = sde, variable
 
     def _t_of_b(self, b: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,8 @@ class TimeChange:
             return t
         if isinstance(self.sde, VESDE):
             return torch.log(self.sde.sigma(t))
+        if isinstance(self.sde, EDMSDE):
+            return torch.log(t)
         b = self.sde.integrated_beta(t)
         if isinstance(self.sde, subVPSDE):
             return torch.log(2 * torch.sinh(b / 2))
@@ -56,6 +59,8 @@ class TimeChange:
             return s
         if isinstance(self.sde, VESDE):
             return (s - math.log(self.sde.sigma_min)) / self.sde.log_ratio
+        if isinstance(self.sde, EDMSDE):
+            return torch.exp(s)
         if isinstance(self.sde, subVPSDE):
             return self._t_of_b(2 * torch.asinh(torch.exp(s) / 2))
         return self._t_of_b(torch.nn.functional.softplus(2 * s))  # log(1 + e^{2s})
@@ -66,6 +71,8 @@ class TimeChange:
             return torch.ones_like(s)
         if isinstance(self.sde, VESDE):
             return torch.full_like(s, 1.0 / self.sde.log_ratio)
+        if isinstance(self.sde, EDMSDE):
+            return torch.exp(s)
         if isinstance(self.sde, subVPSDE):
             db_ds = torch.exp(s) / torch.sqrt(1 + torch.exp(2 * s) / 4)
         else:
@@ -80,8 +87,8 @@ def check_state(sde: SDE, state: str) -> None:
     """Validate the `state` option of log_likelihood for this SDE (one-line UserError)."""
     if state not in STATES:
         raise UserError(f"unknown state {state!r}; valid: {', '.join(STATES)}")
-    if state != "x" and not isinstance(sde, (VPSDE, VESDE)):
-        raise UserError(f"state {state!r} needs a VP, sub-VP or VE SDE, got {type(sde).__name__}")
+    if state != "x" and not isinstance(sde, (VPSDE, VESDE, EDMSDE)):
+        raise UserError(f"state {state!r} needs a VP, sub-VP, VE or EDM SDE, got {type(sde).__name__}")
 
 
 def scaled_state_field(fn, sde: SDE):

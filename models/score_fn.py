@@ -8,7 +8,7 @@ from torch import nn
 
 from errors import UserError
 from models.parameterization import check_parameterization, edm_network_input, output_to_score
-from sde_lib import SDE, VESDE, VPSDE, subVPSDE
+from sde_lib import SDE, EDMSDE, VESDE, VPSDE, subVPSDE
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -65,7 +65,9 @@ def noise_labels(sde: SDE, t: torch.Tensor, x: torch.Tensor, continuous: bool = 
             return sde.sigma(t)
         level = (sde.N - 1) - discrete_ve_index(sde, t)  # ascending index of the same noise level
         return sde.discrete_sigmas(level.to(torch.float64)).to(t.dtype)
-    raise UserError(f"get_score_fn supports VPSDE, subVPSDE and VESDE, got {type(sde).__name__}")
+    if isinstance(sde, EDMSDE):
+        return sde.sigma(t)  # EDM: the label is the noise level sigma = t (continuous time only)
+    raise UserError(f"get_score_fn supports VPSDE, subVPSDE, VESDE and EDMSDE, got {type(sde).__name__}")
 
 
 def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, parameterization: str = "score",
@@ -77,14 +79,16 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, parameteri
     discrete (continuous=False, VP only): labels = t (N-1) and std = DDPM's sqrt(1 - alpha_bar_i) at
     i = labels.long() (truncation, as the reference's `sqrt_1m_alphas_cumprod[labels.long()]`).
     sub-VP has no discrete chain and always uses the continuous convention.
-    VE: the network output is the score itself (it divides by sigma internally when configured);
+    VE and EDM (sigma = t, continuous only): the network output is the score itself (it divides by sigma internally when configured);
     labels are sigma(t) (continuous) or the reference's discrete noise level (see `noise_labels`).
     The score has x's dtype, whatever precision the network ran in (e.g. bf16 autocast).
     Other `parameterization`s (eps, x0, v, edm with `sigma_data`; continuous time only) are converted by
     `models.parameterization.output_to_score`; "score" is the reference convention above.
     """
-    if not isinstance(sde, (VPSDE, VESDE)):
-        raise UserError(f"get_score_fn supports VPSDE, subVPSDE and VESDE, got {type(sde).__name__}")
+    if not isinstance(sde, (VPSDE, VESDE, EDMSDE)):
+        raise UserError(f"get_score_fn supports VPSDE, subVPSDE, VESDE and EDMSDE, got {type(sde).__name__}")
+    if isinstance(sde, EDMSDE) and not continuous:
+        raise UserError("the EDM SDE (sde.name='edm') has no discrete chain; set training.continuous=true")
     parameterization = check_parameterization(parameterization, sigma_data)
     if parameterization != "score":
         if not continuous:

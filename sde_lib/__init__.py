@@ -1,10 +1,11 @@
-"""Forward SDEs of score-based generative modeling: VP (DDPM), sub-VP and VE (SMLD/NCSN)."""
+"""Forward SDEs of score-based generative modeling: VP (DDPM), sub-VP, VE (SMLD/NCSN) and EDM (sigma = t)."""
 from errors import UserError
 from sde_lib.base import SDE, ReverseSDE, batch_time, broadcast_to
+from sde_lib.edm import EDMSDE
 from sde_lib.ve import VESDE
 from sde_lib.vp import VPSDE, subVPSDE
 
-SDES = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE}
+SDES = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE, "edm": EDMSDE}
 
 
 def get_sde(config) -> SDE:
@@ -14,7 +15,9 @@ def get_sde(config) -> SDE:
         raise UserError(f"unknown SDE {config.sde.name!r}; valid: {', '.join(SDES)}")
     if name == "vesde":
         return VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
+    if name == "edm":
+        return EDMSDE(config.sde.sigma_max, config.sde.num_scales)
     return SDES[name](config.sde.beta_min, config.sde.beta_max, config.sde.num_scales)
 
 
-__all__ = ["SDE", "ReverseSDE", "VPSDE", "subVPSDE", "VESDE", "SDES", "get_sde", "batch_time", "broadcast_to"]
+__all__ = ["SDE", "ReverseSDE", "VPSDE", "subVPSDE", "VESDE", "EDMSDE", "SDES", "get_sde", "batch_time", "broadcast_to"]

@@ -14,7 +14,7 @@ import math
 import torch
 
 from errors import UserError
-from sde_lib import SDE, VESDE, VPSDE, subVPSDE
+from sde_lib import SDE, EDMSDE, VESDE, VPSDE, subVPSDE
 
 SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
 
@@ -51,6 +51,8 @@ def time_of_log_snr(sde: SDE, lam) -> torch.Tensor:
     if isinstance(sde, VESDE):
         # alpha = 1, sigma = sigma_min (sigma_max / sigma_min)^t.
         return (-lam - math.log(sde.sigma_min)) / sde.log_ratio
+    if isinstance(sde, EDMSDE):
+        return torch.exp(-lam)  # alpha = 1, sigma = t
     return time_of_log_snr_bisection(sde, lam)
 
 

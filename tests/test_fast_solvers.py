@@ -10,7 +10,7 @@ from data import toy_mixture
 from data.mixtures import GaussianMixture
 from errors import UserError
 from evaluation.metrics import sliced_wasserstein
-from sde_lib import VESDE, VPSDE, subVPSDE
+from sde_lib import EDMSDE, VESDE, VPSDE, subVPSDE
 from solvers.brownian import BrownianMemory
 from solvers.common import CountingScore
 from solvers.ddim import ddim_coefficients
@@ -54,9 +54,9 @@ def gaussian_flow(sde, target: GaussianMixture, x_T, t_end=EPS):
 # --- time maps and schedules ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(), EDMSDE()], ids=["vp", "subvp", "ve", "edm"])
 def test_log_snr_inverse_closed_form_and_bisection(sde):
-    t = torch.tensor([1e-5, 1e-3, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+    t = sde.T * torch.tensor([1e-5, 1e-3, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
     lam = log_snr(sde, t)
     assert (lam[1:] < lam[:-1]).all()
     assert torch.allclose(time_of_log_snr(sde, lam), t, rtol=1e-9, atol=1e-12)
@@ -64,7 +64,7 @@ def test_log_snr_inverse_closed_form_and_bisection(sde):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(), EDMSDE()], ids=["vp", "subvp", "ve", "edm"])
 def test_time_grids(sde, schedule):
     n = 12
     grid = time_grid(sde, n, EPS, schedule)

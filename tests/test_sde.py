@@ -7,9 +7,9 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.stats import norm
 
-from sde_lib import VESDE, VPSDE, get_sde, subVPSDE
+from sde_lib import EDMSDE, VESDE, VPSDE, get_sde, subVPSDE
 
-SDES = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE()}
+SDES = {"vp": VPSDE(), "subvp": subVPSDE(), "ve": VESDE(), "edm": EDMSDE()}
 
 
 def linear_coefficients(sde, t: float):
@@ -30,8 +30,8 @@ def test_marginal_prob_matches_moment_odes(name):
         a, g2 = linear_coefficients(sde, t)
         return [a * y[0], 2 * a * y[1] + g2]
 
-    times = [0.01, 0.1, 0.37, 0.8, 1.0]
-    sol = solve_ivp(rhs, (0.0, 1.0), [1.7, std0.item() ** 2], t_eval=times, rtol=1e-12, atol=1e-14,
+    times = [sde.T * u for u in (0.01, 0.1, 0.37, 0.8, 1.0)]  # EDM: T = sigma_max
+    sol = solve_ivp(rhs, (0.0, sde.T), [1.7, std0.item() ** 2], t_eval=times, rtol=1e-12, atol=1e-14,
                     method="DOP853")
     for k, t in enumerate(times):
         mean, std = sde.marginal_prob(x0, t)
@@ -44,7 +44,7 @@ def test_euler_maruyama_simulation_matches_kernel(name):
     """A fine forward Euler-Maruyama simulation has the kernel's mean and variance (within MC error)."""
     sde = SDES[name]
     gen = torch.Generator().manual_seed(1)
-    n, steps, t_end = 20000, 1000, 0.6
+    n, steps, t_end = 20000, 1000, 0.6 * sde.T
     x0 = torch.full((n, 1), 1.5, dtype=torch.float64)
     _, std0 = sde.marginal_prob(x0, 0.0)
     x = x0 + std0[:, None] * torch.randn(n, 1, generator=gen, dtype=torch.float64)
@@ -100,13 +100,14 @@ def test_subvp_discretize_is_euler_maruyama():
     x = torch.randn(4, 2, dtype=torch.float64)
     f, G = sde.discretize(x, 0.3)
     drift, diffusion = sde.sde(x, 0.3)
-    assert torch.allclose(f, drift / 100) and torch.allclose(G, diffusion * 0.1)
+    dt = sde.T / sde.N  # Euler-Maruyama step of the N-step chain
+    assert torch.allclose(f, drift * dt) and torch.allclose(G, diffusion * math.sqrt(dt))
 
 
 @pytest.mark.parametrize("name", SDES)
 def test_prior_logp_and_sampling(name):
     sde = SDES[name]
-    scale = sde.sigma_max if name == "ve" else 1.0
+    scale = sde.sigma_max if name in ("ve", "edm") else 1.0
     z = sde.prior_sampling((6, 3, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     again = sde.prior_sampling((6, 3, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert torch.equal(z, again) and z.dtype == torch.float64
@@ -154,6 +155,11 @@ def test_get_sde_from_config():
 
     for name, cls in [("vp_toy", VPSDE), ("subvp_toy", subVPSDE), ("ve_toy", VESDE)]:
         assert type(get_sde(configs.get_config(name))) is cls
+    config = configs.get_config("ve_toy")
+    config.sde.name, config.sde.sigma_max = "edm", 60.0
+    edm = get_sde(config)
+    assert type(edm) is EDMSDE and edm.T == 60.0 and edm.prior_logp(torch.zeros(1, 2)).item() == pytest.approx(
+        -math.log(2 * math.pi * 3600.0))
     config = configs.get_config("vp_toy")
     config.sde.name = "nope"
     with pytest.raises(ValueError, match="unknown SDE 'nope'"):
@@ -165,6 +171,8 @@ def test_bad_parameters_raise():
         VPSDE(1.0, 0.5)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         VESDE(0.0, 1.0)
+    with pytest.raises(ValueError, match="sigma_max > 0"):
+        EDMSDE(0.0)
     with pytest.raises(ValueError, match="N must be"):
         VPSDE(N=0)
 
