@@ -12,7 +12,7 @@ from solvers.registry import SAMPLERS, register
 from solvers import pc, ald, ode, torchsde_sampler  # noqa: E402,F401  (em, pc, reverse_diffusion, ancestral, ald, ode*, sde_*)
 from solvers.ode import decode, encode  # noqa: E402
 from solvers.accel import accelerate_score_fn  # noqa: E402
-from solvers import adaptive, ddim, dpm_solver, heun  # noqa: E402,F401  (adaptive, ddim, dpm*, heun)
+from solvers import adaptive, ddim, dpm_solver, heun  # noqa: E402,F401  (adaptive, ddim, dpm*, heun, edm_stochastic)
 
 
 def available_solvers() -> list[str]:
