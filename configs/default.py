@@ -116,6 +116,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.rtol = None
     sampling.atol = None
     sampling.noise_removal = True
+    # edm_stochastic (Karras et al. 2022, algorithm 2): S_churn, S_tmin, S_tmax, S_noise (None: 0, 0, inf, 1 = heun)
+    sampling.s_churn = None
+    sampling.s_tmin = None
+    sampling.s_tmax = None
+    sampling.s_noise = None
     sampling.compile = False  # torch.compile the network for sampling (solvers/accel.py)
     sampling.cuda_graph = False  # replay the network from a CUDA graph (fixed-shape loops; no-op on CPU)
 

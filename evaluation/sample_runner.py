@@ -24,7 +24,8 @@ from validation import check_output_files, check_settings
 # config.sampling keys -> sampler keyword arguments (passed only to samplers that take them)
 _SAMPLING_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
                      "n_steps_each": "corrector_steps", "noise_removal": "noise_removal",
-                     "method": "method", "rtol": "rtol", "atol": "atol"}
+                     "method": "method", "rtol": "rtol", "atol": "atol", "s_churn": "S_churn", "s_tmin": "S_tmin",
+                     "s_tmax": "S_tmax", "s_noise": "S_noise"}
 
 
 def sample_shape(config) -> tuple[int, ...]:

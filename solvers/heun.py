@@ -19,9 +19,9 @@ level the SDE, and a network trained on [eps, T], covers), so the first step nev
 """
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from errors import UserError
 from solvers.common import check_budget, check_choice, gaussian_like, initial_state
@@ -35,7 +35,8 @@ def _rows(sde, t):
 
 
 def _churn(sde, grid, s_churn, s_tmin, s_tmax, s_noise):
-    """Per step: the raised rows (t_hat, ..., sigma_hat) and the added noise std (Karras et al. 2022, alg. 2)."""
+    """Per step: the raised rows (t_hat, ..., sigma_hat), the added noise std and whether the step churns at all
+    (Karras et al. 2022, alg. 2)."""
     sigma, steps = edm_sigma(sde, grid[:-1]), grid.numel() - 1
     gamma = torch.where((sigma >= s_tmin) & (sigma <= s_tmax),
                         torch.full_like(sigma, min(s_churn / steps, math.sqrt(2.0) - 1.0)), torch.zeros_like(sigma))
@@ -43,14 +44,15 @@ def _churn(sde, grid, s_churn, s_tmin, s_tmax, s_noise):
     sigma_hat = sigma * (1.0 + gamma)
     t_hat = torch.where(gamma > 0, time_of_log_snr(sde, -torch.log(sigma_hat)), grid[:-1]).clamp(grid[-1], grid[0])
     noise = s_noise * torch.sqrt((sigma_hat ** 2 - sigma ** 2).clamp_min(0))
-    return _rows(sde, t_hat), noise
+    return _rows(sde, t_hat), noise, gamma > 0
 
 
 def _sigma_space(sde, score_fn, x, grid, last_heun, churn=None, generator=None):
-    """Heun in (sigma_edm, x / alpha), with algorithm 2's churn when `churn` = (rows, noise); returns x at grid[-1]."""
+    """Heun in (sigma_edm, x / alpha), with algorithm 2's churn when `churn` = (rows, noise, raised); returns x at
+    grid[-1]."""
     table = _rows(sde, grid).to(device=x.device, dtype=x.dtype)
     batch, steps = x.shape[0], grid.numel() - 1
-    noisy = [False] * steps if churn is None else (churn[1] > 0).tolist()  # decided on the host, before the loop
+    raised = [False] * steps if churn is None else churn[2].tolist()  # decided on the host, before the loop
     if churn is not None:
         hats, noise = churn[0].to(device=x.device, dtype=x.dtype), churn[1].to(device=x.device, dtype=x.dtype)
 
@@ -61,7 +63,7 @@ def _sigma_space(sde, score_fn, x, grid, last_heun, churn=None, generator=None):
     x_hat = x / table[0, 1]
     for i in range(steps):
         here, there = table[i], table[i + 1]
-        if noisy[i]:  # eq. 7-8: x_hat <- x_hat + sqrt(sigma_hat^2 - sigma_i^2) S_noise n, then step from sigma_hat
+        if raised[i]:  # eq. 7-8: x_hat <- x_hat + sqrt(sigma_hat^2 - sigma_i^2) S_noise n, then step from sigma_hat
             here = hats[i]
             x_hat = x_hat + noise[i] * gaussian_like(x_hat, generator)
         h = there[3] - here[3]

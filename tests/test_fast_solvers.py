@@ -621,6 +621,11 @@ def test_edm_stochastic_churn_noise_and_evaluations():
     expected = [grid[0]] + [min(s * (1 + gamma), sde.T) for s in grid[1:-1]]
     assert first_stages == pytest.approx(expected, rel=1e-12)
     assert seen[1::2] == pytest.approx(grid[1:], rel=1e-12)
+    # S_noise = 0: the steps still start from sigma_hat, with no noise added (no dependence on the generator)
+    quiet = [run("edm_stochastic", sde, mixture.score_fn(sde), x_T, nfe, seed=s, S_churn=churn, S_noise=0.0)[0]
+             for s in (0, 1)]
+    assert torch.equal(quiet[0], quiet[1]) and not torch.equal(quiet[0], run("heun", sde, mixture.score_fn(sde), x_T,
+                                                                           nfe)[0])
 
 
 @pytest.mark.parametrize("options", [{"S_churn": -1}, {"S_noise": float("nan")}, {"S_tmin": 2, "S_tmax": 1}])
