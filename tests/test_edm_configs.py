@@ -95,3 +95,10 @@ def test_edm_digits_trains_and_samples(tmp_path):
                                    solver="edm_stochastic", nfe=4, eps=config.sampling.eps, S_churn=5.0,
                                    generator=torch.Generator().manual_seed(0))
     assert used == 4 and samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_edm_sde_refuses_discrete_time():
+    from errors import UserError
+
+    with pytest.raises(UserError, match="no discrete chain"):
+        get_score_fn(EDMSDE(), torch.nn.Identity(), continuous=False)
