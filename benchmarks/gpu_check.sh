@@ -23,13 +23,16 @@ ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu-dry-run) DRY=1 ;;
-        --budget) BUDGET="$2"; shift ;;
-        --steps) ONLY=",$2,"; shift ;;
+        --budget) BUDGET="${2:-}"; shift ;;
+        --steps) ONLY=",${2:-},"; shift ;;
         -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (use --cpu-dry-run, --budget SECONDS, --steps NAME,...)" >&2; exit 2 ;;
     esac
     shift
 done
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+    echo "gpu_check: --budget needs a whole number of seconds, got '$BUDGET'" >&2; exit 2
+fi
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

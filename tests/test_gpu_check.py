@@ -41,6 +41,8 @@ def test_unknown_argument_is_one_line(tmp_path):
     proc, _ = run_check(tmp_path, "--cpu-dry-run", "--nonsense")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "gpu_check: unknown argument '--nonsense' (use --cpu-dry-run, --budget SECONDS, --steps NAME,...)")
+    proc, _ = run_check(tmp_path, "--cpu-dry-run", "--budget", "5m")
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu_check: --budget needs a whole number of seconds, got '5m'"
 
 
 def test_spent_budget_skips_every_step_and_still_reports(tmp_path):
