@@ -223,11 +223,6 @@ def test_short_training_on_ring_reaches_sample_quality(tmp_path):
     0.08-0.12; a single Gaussian with the ring's mean and covariance 0.41; the untrained network ~2000.
     The threshold 0.25 separates a learned ring from the best unimodal fit.
     """
-    import solvers
-    from data import toy_mixture
-    from models import get_score_fn
-    from sde_lib import get_sde
-
     config = configs.get_config("vp_toy")
     config.model.hidden_dim = 64
     config.training.batch_size = 256
@@ -238,13 +233,22 @@ def test_short_training_on_ring_reaches_sample_quality(tmp_path):
     config.training.progress = False
     config.device = "cpu"
     train(config, str(tmp_path))
-    model, _ = restore_model(config, str(tmp_path), "cpu")
+    assert ring_sw2_of_trained_run(config, str(tmp_path)) < 0.25
+
+
+def ring_sw2_of_trained_run(config, workdir: str) -> float:
+    """Sliced W2 between 2,000 EM samples (NFE 200) of a trained ring run's EMA model and 2,000 exact draws."""
+    import solvers
+    from data import toy_mixture
+    from models import get_score_fn
+    from sde_lib import get_sde
+    model, _ = restore_model(config, workdir, "cpu")
     sde = get_sde(config)
     with torch.no_grad():
         samples, _ = solvers.sample(sde, get_score_fn(sde, model), (2000, 2), solver="em", nfe=200,
                                     generator=torch.Generator().manual_seed(1))
     reference = toy_mixture("ring2d").sample(2000, generator=torch.Generator().manual_seed(2))
-    assert sliced_w2(samples, reference) < 0.25
+    return float(sliced_w2(samples, reference))
 
 
 def free_port() -> int:
@@ -319,10 +323,6 @@ def test_other_objectives_learn_the_ring(tmp_path, name, config_name, training, 
     this sampler 0.07-0.14, the best single Gaussian 0.41, an untrained network ~2000; these runs 0.15-0.20.
     (SMLD on VE learns more slowly at sigma_max = 20: 0.25 after 600 steps, so sigma_max = 5 here.)
     """
-    import solvers
-    from data import toy_mixture
-    from models import get_score_fn
-    from sde_lib import get_sde
 
     config = configs.get_config(config_name)
     config.model.hidden_dim = 64
@@ -333,13 +333,7 @@ def test_other_objectives_learn_the_ring(tmp_path, name, config_name, training, 
     config.device = "cpu"
     result = train(config, str(tmp_path))
     assert result.step == steps and torch.isfinite(torch.tensor(result.loss))
-    model, _ = restore_model(config, str(tmp_path), "cpu")
-    sde_obj = get_sde(config)
-    with torch.no_grad():
-        samples, _ = solvers.sample(sde_obj, get_score_fn(sde_obj, model), (2000, 2), solver="em", nfe=200,
-                                    generator=torch.Generator().manual_seed(1))
-    reference = toy_mixture("ring2d").sample(2000, generator=torch.Generator().manual_seed(2))
-    assert sliced_w2(samples, reference) < 0.25
+    assert ring_sw2_of_trained_run(config, str(tmp_path)) < 0.25
 
 
 def test_restore_model_ignores_use_time_settings_but_not_the_network(tmp_path):
