@@ -117,7 +117,8 @@ def test_edm_recipe_learns_mix64(tmp_path, seed):
     draws = torch.Generator().manual_seed(11)
 
     def sw2(x):
-        return float(sliced_wasserstein(x.float(), reference, n_projections=64, generator=torch.Generator().manual_seed(0)))
+        return float(sliced_wasserstein(x.float(), reference, n_projections=64,
+                                        generator=torch.Generator().manual_seed(0)))
 
     floor = max(sw2(mixture.sample(400, generator=draws)) for _ in range(3))
     config = configs.get_config("edm_toy")
