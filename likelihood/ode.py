@@ -108,7 +108,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
                    n_probes: int = 1, generator: torch.Generator | None = None,
                    prior_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    options: dict | None = None, time_variable: str = "t",
-                   state: str = "x", error_norm: str = "max_rms") -> tuple[torch.Tensor, torch.Tensor, int]:
+                   state: str = "x", error_norm: str = "per_dim") -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample log p_eps(x) through the PF-ODE; returns (logp (batch,), z = x(T), nfe).
 
     `time_variable` = "t" integrates in t, "log_sigma" in s = log(sigma(t) / alpha(t)); `state` = "x" integrates
