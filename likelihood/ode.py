@@ -111,9 +111,9 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
                    state: str = "x", error_norm: str = "per_dim") -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample log p_eps(x) through the PF-ODE; returns (logp (batch,), z = x(T), nfe).
 
-    `time_variable` = "t" integrates in t, "log_sigma" in s = log(sigma(t) / alpha(t)); `state` = "x" integrates
-    x, "x_over_alpha" the semi-linear state x / alpha(t) (likelihood.time_change; both measured no cheaper on
-    the mixtures, see docs/PERFORMANCE.md).
+    `time_variable` = "t" integrates in t, "log_sigma" in s = log(sigma(t) / alpha(t)), "sigma" in u = sigma / alpha;
+    `state` = "x" integrates x, "x_over_alpha" the semi-linear state x / alpha(t) (likelihood.time_change; all
+    measured no cheaper than t and x on the mixtures and a trained network, see docs/PERFORMANCE.md).
     `prior_logp(z)` replaces `sde.prior_logp` at T (e.g. the exact marginal p_T in tests); `generator`
     draws the Hutchinson probes, fixed for the whole integration; `options` go to torchdiffeq.odeint
     (e.g. {"step_size": 0.01} for fixed-step methods).
@@ -165,7 +165,7 @@ ERROR_NORMS = ("per_dim", "max_rms", "joint_rms")
 
 
 def joint_rms_norm(state) -> torch.Tensor:
-    """scipy's error norm, RMS over the whole state (x and delta together); pass as options={"norm": joint_rms_norm}.
+    """scipy's error norm, RMS over the whole state (x and delta together): error_norm="joint_rms".
 
     torchdiffeq's default for the tuple state (x, delta) is the max of the two RMS norms, which controls the
     error of the log-likelihood term on its own and takes somewhat more steps.

@@ -1,4 +1,5 @@
-"""Integration variables for the PF-ODE: t itself, or s = log(sigma(t) / alpha(t)) (minus half the log-SNR).
+"""Integration variables for the PF-ODE: t itself, s = log(sigma(t) / alpha(t)) (minus half the log-SNR), or
+u = sigma(t) / alpha(t) = e^s (EDM's time variable; with the state x / alpha the PF-ODE is dy/du = eps_hat).
 
 The PF-ODE dx/dt = f~(x, t) and the divergence integral d delta/dt = div f~ become, for t = t(s),
 dx/ds = f~(x, t(s)) dt/ds and d delta/ds = div f~(x, t(s)) dt/ds (change of variables in both integrals).
