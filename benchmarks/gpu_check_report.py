@@ -1,15 +1,21 @@
-"""The GPU check's records: the machine (`env`) and the summary of every step (`summary`) as JSON and Markdown.
+"""The GPU check's records: the machine (`env`), the short training run (`run_iters`, `likelihood_defaults`,
+`collect_run`), the compiled training rows (`append_training`) and the summary of every step (`summary`).
 
-Called by `benchmarks/gpu_check.sh`; never imports torch in `summary`, so a broken torch install still
-gets its failure recorded.
+Called by `benchmarks/gpu_check.sh`; only `env` imports torch (and `likelihood_defaults` the configs), so a
+broken torch install still gets its failure recorded.
 
-    python benchmarks/gpu_check_report.py env --out OUT/env.json
-    python benchmarks/gpu_check_report.py summary --work WORKDIR --out OUT
+    python benchmarks/gpu_check_report.py env --out WORK/env.json
+    python benchmarks/gpu_check_report.py summary --work WORK --out OUT      # OUT/steps.json (env folded in) ...
+    python benchmarks/gpu_check_report.py append_training --into OUT/train.json --add WORK/train_compile.json
+    python benchmarks/gpu_check_report.py run_iters --train_json OUT/train.json --seconds 120
+    python benchmarks/gpu_check_report.py likelihood_defaults --config vp_cifar
+    python benchmarks/gpu_check_report.py collect_run --workdir WORK/run --out OUT
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -19,10 +25,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atomic_io import write_json, write_text  # noqa: E402
+from atomic_io import atomic_write, write_json, write_text  # noqa: E402
 
 STEPS_FILE = "steps.tsv"  # one line per finished step, appended by gpu_check.sh
 STEP_FIELDS = ("name", "status", "rc", "seconds", "timeout_s", "result", "note")
+ENV_FILE = "env.json"  # written to the work folder by `env`, folded into OUT/steps.json as "env"
+RUN_FILE = "run.json"  # the short training run: training, bits/dim and sampling records
+RUN_GRID = "run_samples.png"  # its sample grid, copied to OUT
+OK_STATUSES = ("ok", "off")  # "off": a step the chosen mode leaves out on purpose (compile in --quick)
 
 
 def _now() -> str:
@@ -93,11 +103,12 @@ def _fmt(value: float, spec: str) -> str:
 
 def key_numbers(out: str, steps: list[dict]) -> list[str]:
     """One Markdown line per headline number found in the steps' result files."""
-    lines = []
+    lines, seen = [], set()
     for step in steps:
         if step["name"].startswith("tests"):
             lines.append(f"- {step['name']}: {step['note'] or step['status']}")
-        report = _load(out, step["result"])
+        report = None if step["result"] in seen else _load(out, step["result"])
+        seen.add(step["result"])
         if not report:
             continue
         for row in report.get("training", []):
@@ -118,20 +129,47 @@ def key_numbers(out: str, steps: list[dict]) -> list[str]:
                                  f"{r['bpd']:.4f} bits/dim")
             for label, ratio in methods.get("speedup_vs_scipy", {}).items():
                 lines.append(f"- likelihood {name} {label} vs scipy RK45: {ratio:.2f}x")
+    return lines + run_lines(_load(out, RUN_FILE))
+
+
+def run_lines(run: dict | None) -> list[str]:
+    """The Markdown lines of the short training run (run.json)."""
+    if not run:
+        return []
+    lines = []
+    train = run.get("train")
+    if train:
+        lines.append(f"- run: {train['step']} training steps of {run['config']} (batch {run['batch_size']}, "
+                     f"planned {run.get('planned_iters')}) in {train['seconds']:.1f} s, "
+                     f"{train['steps_per_s']:.2f} steps/s, final loss {train['loss']:.4g}")
+    lik = run.get("likelihood")
+    if lik:
+        lines.append(f"- run bits/dim ({lik['split']}, {lik['num_samples']} images, {lik['method']} "
+                     f"{lik['error_norm']} rtol {lik['rtol']:g}): {lik['bits_per_dim']:.4f} "
+                     f"± {lik['bits_per_dim_stderr']:.4f}, NFE {lik['mean_nfe']:.1f} per pass, "
+                     f"{lik['seconds']:.1f} s, {lik['images_per_s']:.2f} images/s")
+    sample = run.get("sample")
+    if sample:
+        lines.append(f"- run samples: {sample['num_samples']} with {sample['solver']} at NFE {sample['nfe_used']} "
+                     f"in {sample['seconds']:.2f} s ({sample['samples_per_second']:.1f} samples/s); grid "
+                     f"{run.get('grid') or 'none'}")
     return lines
 
 
 def summarize(work: str, out: str, mode: str, total_s: float) -> dict:
     """Write OUT/steps.json, OUT/summary.md and OUT/gpu_check.log from the work folder; return the report."""
     steps = read_steps(work)
-    env = _load(out, "env.json") or {}
+    env = _load(work, ENV_FILE) or {}
     report = {"date": _now(), "mode": mode, "gpu": env.get("gpu"), "torch": env.get("torch"),
-              "total_seconds": total_s, "all_ok": bool(steps) and all(s["status"] == "ok" for s in steps),
-              "steps": steps}
+              "total_seconds": total_s, "all_ok": bool(steps) and all(s["status"] in OK_STATUSES for s in steps),
+              "steps": steps, "env": env}
     write_json(os.path.join(out, "steps.json"), report, indent=1)
     lines = [f"# GPU check ({mode}), {report['date']}", "",
-             f"device: {env.get('gpu') or 'CPU'}; torch {env.get('torch')}; nvidia-smi: {env.get('nvidia_smi', '-')}",
-             f"total {total_s:.0f} s; {'all steps ok' if report['all_ok'] else 'SOME STEPS FAILED'}", "",
+             f"device: {env.get('gpu') or 'CPU'}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}, cuDNN "
+             f"{env.get('cudnn')}); python {env.get('python')}; host {env.get('host')}; "
+             f"nvidia-smi: {env.get('nvidia_smi', '-')}",
+             "packages: " + ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items()),
+             f"total {total_s:.0f} s; {'all steps ok' if report['all_ok'] else 'SOME STEPS FAILED OR SKIPPED'}", "",
              "| step | status | rc | seconds | timeout (s) | result | note |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['rc']} | {s['seconds']:.1f} | {s['timeout_s']} | "
               f"{s['result'] or '-'} | {s['note'] or ''} |" for s in steps]
@@ -146,6 +184,83 @@ def summarize(work: str, out: str, mode: str, total_s: float) -> dict:
     return report
 
 
+def append_training(into: str, add: str) -> dict:
+    """Append the training rows of throughput report `add` to report `into` (created from `add` if missing)."""
+    extra = _load(os.path.dirname(add) or ".", os.path.basename(add))
+    if extra is None:
+        raise SystemExit(f"gpu_check_report: no throughput report at {add}")
+    base = _load(os.path.dirname(into) or ".", os.path.basename(into))
+    if base is None:
+        base = extra
+    else:
+        # each row keeps the MFU against its own run's matmul rate; the commands of both runs are kept
+        base["training"] = base.get("training", []) + extra.get("training", [])
+        base.setdefault("appended", []).append({"command": extra.get("command"),
+                                                "mfu_reference_flops": extra.get("mfu_reference_flops")})
+    write_json(into, base, indent=1)
+    return base
+
+
+def run_iters(train_json: str, seconds: float, batch: int = 128, fallback_steps_per_s: float = 8.0,
+              efficiency: float = 0.8, lo: int = 20, hi: int = 20000) -> int:
+    """Training iterations that fill about `seconds`, from the eager bf16 rate at `batch` in train.json."""
+    report = _load(os.path.dirname(train_json) or ".", os.path.basename(train_json)) or {}
+    rates = [row["images_per_s"] / row["batch"] for row in report.get("training", [])
+             if row.get("precision") == "bf16" and not row.get("compile") and row.get("batch") == batch
+             and isinstance(row.get("images_per_s"), (int, float)) and row["images_per_s"] > 0]
+    steps_per_s = efficiency * rates[0] if rates else fallback_steps_per_s  # the loop adds EMA, logging
+    return int(min(hi, max(lo, steps_per_s * seconds)))
+
+
+def likelihood_defaults(config_name: str) -> list[str]:
+    """`--config.likelihood.KEY=VALUE` for the toolkit's default likelihood settings that `config_name` changes."""
+    import configs
+    from configs.default import get_default_config
+
+    default, config = get_default_config().likelihood, configs.get_config(config_name).likelihood
+    keep = {"batch_size", "split", "num_batches", "toy_num_samples"}  # set by the run step itself
+    overrides = []
+    for key in sorted(default.keys()):
+        if key in keep or key not in config or config[key] == default[key]:
+            continue
+        value = default[key]
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        overrides.append(f"--config.likelihood.{key}={text}")
+    return overrides
+
+
+def _latest(pattern: str) -> str | None:
+    files = glob.glob(pattern)
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def collect_run(workdir: str, out: str, extra: dict | None = None) -> dict:
+    """OUT/run.json from the run folder (train_summary.json, the latest likelihood and samples records);
+    the latest sample grid is copied to OUT/run_samples.png."""
+    config = _load(workdir, "config.json") or {}
+    training = config.get("training", {})
+    run = {"date": _now(), "workdir": workdir, "config": "vp_cifar", "batch_size": training.get("batch_size"),
+           "n_iters": training.get("n_iters"), "data_path": config.get("data", {}).get("path"), **(extra or {})}
+    old = _load(out, RUN_FILE) or {}
+    for key in ("planned_iters", "train_seconds_target", "likelihood_overrides"):  # from earlier calls
+        if key in old and key not in run:
+            run[key] = old[key]
+    run["train"] = _load(workdir, "train_summary.json")
+    lik = _latest(os.path.join(workdir, "likelihood", "likelihood_*.json"))
+    run["likelihood"] = _load(os.path.dirname(lik), os.path.basename(lik)) if lik else None
+    sample = _latest(os.path.join(workdir, "samples", "samples_*.json"))
+    run["sample"] = _load(os.path.dirname(sample), os.path.basename(sample)) if sample else None
+    run["grid"] = None
+    grid = sample[: -len(".json")] + ".png" if sample else None
+    if grid and os.path.exists(grid):
+        with open(grid, "rb") as source:
+            data = source.read()
+        atomic_write(os.path.join(out, RUN_GRID), lambda handle: handle.write(data))
+        run["grid"] = RUN_GRID
+    write_json(os.path.join(out, RUN_FILE), run, indent=1)
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,7 +272,36 @@ def main(argv=None) -> int:
     summary.add_argument("--mode", default="gpu")
     summary.add_argument("--total_seconds", type=float, default=0.0)
     summary.add_argument("--print", action="store_true", help="also print summary.md")
+    append = sub.add_parser("append_training")
+    append.add_argument("--into", required=True)
+    append.add_argument("--add", required=True)
+    iters = sub.add_parser("run_iters")
+    iters.add_argument("--train_json", required=True)
+    iters.add_argument("--seconds", type=float, required=True)
+    iters.add_argument("--batch", type=int, default=128)
+    defaults = sub.add_parser("likelihood_defaults")
+    defaults.add_argument("--config", default="vp_cifar")
+    collect = sub.add_parser("collect_run")
+    collect.add_argument("--workdir", required=True)
+    collect.add_argument("--out", required=True)
+    collect.add_argument("--planned_iters", type=int, default=None)
+    collect.add_argument("--train_seconds_target", type=float, default=None)
+    collect.add_argument("--likelihood_overrides", default=None)
     args = parser.parse_args(argv)
+    if args.command == "append_training":
+        append_training(args.into, args.add)
+        return 0
+    if args.command == "run_iters":
+        print(run_iters(args.train_json, args.seconds, args.batch))
+        return 0
+    if args.command == "likelihood_defaults":
+        print(" ".join(likelihood_defaults(args.config)))
+        return 0
+    if args.command == "collect_run":
+        extra = {k: getattr(args, k) for k in ("planned_iters", "train_seconds_target", "likelihood_overrides")
+                 if getattr(args, k) is not None}
+        collect_run(args.workdir, args.out, extra)
+        return 0
     if args.command == "env":
         info = collect_env()
         write_json(args.out, info, indent=1)
