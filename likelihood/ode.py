@@ -16,7 +16,7 @@ once and add the prior log-density of the end point. Two integrators:
 
 NFE counts calls of `score_fn` (= forward passes of the network). Every call also costs backward
 passes for the divergence, which NFE does not count: one VJP per probe for Hutchinson-Skilling
-(`n_probes`), one per data dimension for the exact divergence.
+(`n_probes`), 3 n_probes for Hutch++ (sketch size n_probes), one per data dimension for the exact divergence.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import torchdiffeq
 
 from errors import UserError
 from likelihood.time_change import TimeChange, check_state, scaled_state_field
-from likelihood.divergence import DIVERGENCES, draw_probes, exact_divergence, hutchinson_divergence
+from likelihood.divergence import (DIVERGENCES, HUTCHPP, draw_probes, exact_divergence, hutchinson_divergence,
+                                   hutchpp_divergence)
 from sde_lib.base import SDE, ScoreFn
 from solvers.common import CountingScore  # the NFE counter the samplers use
 
@@ -83,6 +84,8 @@ def _drift_and_divergence(sde: SDE, score: CountingScore, divergence: str, probe
             drift = reverse.sde(x, t)[0]  # eq. 13 in forward time: f - g^2 s / 2
             if divergence == "exact":
                 div = exact_divergence(drift, x)
+            elif divergence in HUTCHPP:
+                div = hutchpp_divergence(drift, x, probes, diagonal=divergence == "hutchpp")
             else:
                 div = hutchinson_divergence(drift, x, probes)
         return drift.detach(), div.detach()
