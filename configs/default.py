@@ -129,8 +129,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     likelihood.method = "dopri5"
     likelihood.rtol = 1e-5
     likelihood.atol = 1e-5
-    likelihood.divergence = "hutchinson_rademacher"
-    likelihood.n_probes = 1
+    likelihood.divergence = "hutchinson_rademacher"  # or exact, hutchinson_gaussian, hutchpp, hutchpp_plain
+    likelihood.n_probes = 1  # probes per evaluation (Hutch++: sketch size k, 3k VJPs)
     likelihood.num_dequant = 1
     likelihood.batch_size = 500
     likelihood.split = "test"

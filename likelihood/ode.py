@@ -69,6 +69,7 @@ def _check_inputs(sde: SDE, x: torch.Tensor, eps: float, method: str, rtol: floa
 def _drift_and_divergence(sde: SDE, score: CountingScore, divergence: str, probes: torch.Tensor | None):
     """f(x, t) -> (PF-ODE drift, its divergence per sample), both detached.
 
+    Hutch++ ("hutchpp", "hutchpp_plain") gets probes = [S; G] and estimates the same divergence with 3 n_probes VJPs.
     Both Hutchinson-Skilling probes estimate the divergence of the whole drift f - g^2 s / 2. Estimating only the
     score part and adding div f = -beta D / 2 in closed form (VP) was measured worse for Gaussian probes (mix64,
     VP: 1.5 instead of 0.2 bits/dim per image): the linear drift cancels most of the score's Jacobian, which the
@@ -116,8 +117,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
     `time_variable` = "t" integrates in t, "log_sigma" in s = log(sigma(t) / alpha(t)); `state` = "x" integrates
     x, "x_over_alpha" the semi-linear state x / alpha(t) (likelihood.time_change; both measured no cheaper on
     the mixtures, see docs/PERFORMANCE.md).
+    `divergence`: "exact", "hutchinson_rademacher" / "hutchinson_gaussian" (`n_probes` VJPs per evaluation) or
+    "hutchpp" / "hutchpp_plain" (Hutch++ with sketch size k = `n_probes`: 3k VJPs; likelihood.divergence).
     `prior_logp(z)` replaces `sde.prior_logp` at T (e.g. the exact marginal p_T in tests); `generator`
-    draws the Hutchinson probes, fixed for the whole integration; `options` go to torchdiffeq.odeint
+    draws the Hutchinson probes (and Hutch++ sketches), fixed for the whole integration; `options` go to torchdiffeq.odeint
     (e.g. {"step_size": 0.01} for fixed-step methods).
     """
     _check_inputs(sde, x, eps, method, rtol, atol, divergence, n_probes)

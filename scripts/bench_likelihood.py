@@ -14,6 +14,7 @@ Score functions:
 
 Examples:
   python scripts/bench_likelihood.py --data digits --score gaussian --num_images 64 --batch_size 64
+  python scripts/bench_likelihood.py --data digits --score ddpmpp --methods dopri5,dopri5@hutchpp:1,dopri5@hutchpp:2
   python scripts/bench_likelihood.py --data cifar10 --score ddpmpp --net_config ssde_vp_cifar10_ddpmpp_continuous \
       --device cuda --num_images 500 --batch_size 250 --repeats 1
 """
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from atomic_io import write_json  # noqa: E402
 from data import GaussianMixture  # noqa: E402
 from likelihood import bits_per_dim, joint_rms_norm, mean_and_stderr  # noqa: E402
+from likelihood.divergence import draw_probes  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
 
 SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
@@ -94,9 +96,13 @@ def run_method(method, sde, score_fn, images, batch_size, scale, args, device):
     """bpd per image, mean NFE per batch and wall seconds for one integrator.
 
     "dopri5_rms" is dopri5 with scipy's error norm (RMS over the whole state) instead of torchdiffeq's
-    default for a tuple state (the max of the RMS norms of x and of delta log p).
+    default for a tuple state (the max of the RMS norms of x and of delta log p). "METHOD@DIVERGENCE[:N]" uses that
+    divergence estimator with N probes (e.g. dopri5@hutchpp:2) instead of --divergence / --n_probes.
     """
     options = {}
+    method, _, estimator = method.partition("@")
+    divergence, _, n_probes = estimator.partition(":")
+    divergence, n_probes = divergence or args.divergence, int(n_probes or (1 if estimator else args.n_probes))
     method, *variables = method.split(":")  # NAME:TIME_VARIABLE[:STATE], e.g. dopri5_rms:log_sigma:x_over_alpha
     if variables:
         options.update(time_variable=variables[0], state=variables[1] if len(variables) > 1 else "x")
@@ -110,7 +116,8 @@ def run_method(method, sde, score_fn, images, batch_size, scale, args, device):
     for lo in range(0, images.shape[0], batch_size):
         batch = torch.from_numpy(images[lo:lo + batch_size]).to(device)
         bpd, nfe = bits_per_dim(sde, score_fn, batch, data_scale=scale, generator=generator, method=method,
-                                rtol=args.tol, atol=args.tol, divergence=args.divergence, eps=args.eps, **options)
+                                rtol=args.tol, atol=args.tol, divergence=divergence, n_probes=n_probes, eps=args.eps,
+                                **options)
         bpds.append(bpd.cpu())
         nfes.append(nfe)
     if device.type == "cuda":
@@ -129,10 +136,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--methods", default="dopri5,dopri5_rms,scipy_rk45",
                         help="comma-separated: torchdiffeq methods, NAME_rms (scipy's error norm), scipy_rk45; "
-                        "NAME:log_sigma[:x_over_alpha] integrates in s = log(sigma/alpha) [and the state x/alpha]")
+                        "NAME:log_sigma[:x_over_alpha] integrates in s = log(sigma/alpha) [and the state x/alpha]; "
+                        "NAME@DIVERGENCE[:N] overrides the divergence estimator (e.g. dopri5@hutchpp:2)")
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol for both paths")
     parser.add_argument("--eps", type=float, default=1e-5)
     parser.add_argument("--divergence", default="hutchinson_rademacher")
+    parser.add_argument("--n_probes", type=int, default=1, help="probes (Hutch++: sketch size k, 3k VJPs)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -153,7 +162,7 @@ def main() -> None:
                           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
                "threads": args.threads, "data": args.data, "score": args.score, "sde": args.sde,
                "num_images": int(images.shape[0]), "dims": int(images[0].size), "tol": args.tol,
-               "divergence": args.divergence, "methods": {}}
+               "divergence": args.divergence, "n_probes": args.n_probes, "methods": {}}
     per_image, nfes, times = {}, {}, {}
     methods = args.methods.split(",")
     for method in methods:  # warm-up on one full batch (first-call allocations, autograd set-up), not timed
@@ -169,7 +178,7 @@ def main() -> None:
         results["methods"][method] = {"bits_per_dim": mean, "stderr": stderr, "mean_nfe_per_batch": nfes[method],
                                       "seconds": seconds, "all_seconds": times[method],
                                       "images_per_s": images.shape[0] / seconds}
-        print(f"{method:>11}: {mean:.4f} ± {stderr:.4f} bits/dim, NFE {nfes[method]:.0f}/batch, "
+        print(f"{method:>18}: {mean:.4f} ± {stderr:.4f} bits/dim, NFE {nfes[method]:.0f}/batch, "
               f"{images.shape[0] / seconds:.2f} images/s ({seconds:.2f} s, best of {args.repeats})", flush=True)
     for other in methods[1:]:
         diff = (per_image[methods[0]] - per_image[other]).abs().max().item()
@@ -185,11 +194,8 @@ def main() -> None:
             y = (scale[0] * (batch.float() + u) / 256 + scale[1]).reshape(batch.shape[0], -1)
             logp = mixture.marginal_log_prob(y.double().cpu(), args.eps, sde)
             exact.append(-logp / (y.shape[1] * math.log(2)) + 8 - math.log2(scale[0]))
-            # keep the generator in step with the probe draws of bits_per_dim (likelihood.divergence.draw_probes)
-            if args.divergence == "hutchinson_rademacher":
-                torch.randint(0, 2, (1,) + tuple(batch.shape), generator=generator, device=device)
-            elif args.divergence == "hutchinson_gaussian":
-                torch.randn((1,) + tuple(batch.shape), generator=generator, device=device, dtype=torch.float32)
+            # keep the generator in step with the probe draws of bits_per_dim (--divergence, --n_probes)
+            draw_probes(y.reshape(batch.shape), args.divergence, args.n_probes, generator)
         mean, stderr = mean_and_stderr(torch.cat(exact))
         results["exact_bits_per_dim"] = mean
         print(f"exact (closed-form density at eps): {mean:.4f} ± {stderr:.4f} bits/dim")

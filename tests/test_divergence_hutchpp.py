@@ -137,3 +137,33 @@ def test_bad_settings_are_one_line_user_errors():
     with pytest.raises(UserError, match="unknown divergence 'hutchplusplus'.*hutchpp") as info:
         log_likelihood(sde, score, x, divergence="hutchplusplus")
     assert "\n" not in str(info.value)
+
+
+def test_cli_likelihood_with_hutchpp(tmp_path, capsys):
+    """`--config.likelihood.divergence=hutchpp` with `likelihood.n_probes` runs end to end through main.main and
+    is recorded in the report; an unknown divergence is a one-line error (exit code 2)."""
+    import json
+
+    import configs
+    import main
+    from test_sample_cli import SMALL, _write_untrained_checkpoint
+
+    config = configs.get_config("vp_toy")
+    small = [flag for flag in SMALL if "sampling" not in flag]
+    for flag in small:
+        key, value = flag[len("--config."):].split("=")
+        section, name = key.split(".")
+        config[section][name] = int(value)
+    _write_untrained_checkpoint(config, str(tmp_path))
+    common = ["--mode", "likelihood", "--config", "vp_toy", "--workdir", str(tmp_path), "--num_batches", "1",
+              "--config.likelihood.batch_size=4", "--config.likelihood.rtol=1e-3", "--config.likelihood.atol=1e-3",
+              "--config.device=cpu", *small]
+    assert main.main(common + ["--config.likelihood.divergence=hutchpp", "--config.likelihood.n_probes=2"]) == 0
+    (path,) = (tmp_path / "likelihood").glob("likelihood_test_h*.json")
+    report = json.loads(path.read_text())
+    assert report["settings"]["divergence"] == "hutchpp" and report["settings"]["n_probes"] == 2
+    assert math.isfinite(report["bits_per_dim"])
+    capsys.readouterr()
+    assert main.main(common + ["--config.likelihood.divergence=hutch++"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown divergence 'hutch++'" in err and "hutchpp" in err and "\n" not in err
