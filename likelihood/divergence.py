@@ -97,7 +97,8 @@ def hutchpp_divergence(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor,
     dim, m = q.shape[1], q.shape[2]
     vectors = q.permute(2, 0, 1)  # the columns of Q, (m, batch, D)
     if m < dim:  # else P = I: tr A' = tr(Q^T A' Q), nothing left to estimate
-        resid = gauss - torch.einsum("bdm,kbm->kbd", q, torch.einsum("bdm,kbd->kbm", q, gauss))  # (I - P) g_j
+        g_cols = gauss.permute(1, 2, 0)  # (batch, D, k)
+        resid = (g_cols - q @ (q.transpose(1, 2) @ g_cols)).permute(2, 0, 1)  # h_j = (I - P) g_j
         vectors = torch.cat([vectors, resid])
     a_v = _batched_vjp(out, x, vectors.reshape((-1,) + tuple(x.shape))).reshape(vectors.shape)  # round 2: A Q, A h
     quad = (vectors * (a_v - diag * vectors)).sum(-1)  # v^T A' v for every column of Q and every h_j

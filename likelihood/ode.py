@@ -120,8 +120,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
     `divergence`: "exact", "hutchinson_rademacher" / "hutchinson_gaussian" (`n_probes` VJPs per evaluation) or
     "hutchpp" / "hutchpp_plain" (Hutch++ with sketch size k = `n_probes`: 3k VJPs; likelihood.divergence).
     `prior_logp(z)` replaces `sde.prior_logp` at T (e.g. the exact marginal p_T in tests); `generator`
-    draws the Hutchinson probes (and Hutch++ sketches), fixed for the whole integration; `options` go to torchdiffeq.odeint
-    (e.g. {"step_size": 0.01} for fixed-step methods).
+    draws the Hutchinson probes (and Hutch++ sketches), fixed for the whole integration; `options` go to
+    torchdiffeq.odeint (e.g. {"step_size": 0.01} for fixed-step methods).
     """
     _check_inputs(sde, x, eps, method, rtol, atol, divergence, n_probes)
     prior_logp = sde.prior_logp if prior_logp is None else prior_logp

@@ -76,20 +76,21 @@ def ode_error(mixture, sde, x, setting: str) -> tuple[float, int]:
     return float((logp - exact).abs().mean() / (mixture.dim * math.log(2))), nfe
 
 
-def estimator_error(mixture, sde, x, divergence: str, n_probes: int, seeds: int) -> tuple[float, float, float]:
+def estimator_error(mixture, sde, x, divergence: str, n_probes: int, seeds: int) -> tuple[float, float, float, int]:
     """RMS per-image error in bits/dim of the estimator against the exact divergence over `seeds` probe draws
-    (seeds 0, 1, ...), the mean error (its bias plus noise) and the median wall seconds of one pass."""
+    (seeds 0, 1, ...), the mean error (its bias plus noise), the median wall seconds and the median NFE of a pass."""
     score = mixture.score_fn(sde)
     exact, _, _ = log_likelihood(sde, score, x, eps=EPS, divergence="exact")
-    errors, seconds = [], []
+    errors, seconds, nfes = [], [], []
     for seed in range(seeds):
         start = time.perf_counter()
-        est, _, _ = log_likelihood(sde, score, x, eps=EPS, divergence=divergence, n_probes=n_probes,
-                                   generator=torch.Generator().manual_seed(seed))
+        est, _, nfe = log_likelihood(sde, score, x, eps=EPS, divergence=divergence, n_probes=n_probes,
+                                     generator=torch.Generator().manual_seed(seed))
         seconds.append(time.perf_counter() - start)
+        nfes.append(nfe)
         errors.append((est - exact) / (mixture.dim * math.log(2)))
     err = torch.stack(errors)
-    return float(err.pow(2).mean().sqrt()), float(err.mean()), statistics.median(seconds)
+    return float(err.pow(2).mean().sqrt()), float(err.mean()), statistics.median(seconds), int(statistics.median(nfes))
 
 
 def main() -> None:
@@ -123,16 +124,16 @@ def main() -> None:
         mixture, sde = toy_mixture("mix64"), VPSDE()
         x = mixture.sample(args.batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, 1)  # warm-up
-        *_, reference = estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, max(3, args.seeds))
+        *_, reference, _ = estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, max(3, args.seeds))
         print(f"\n| mix64 VP estimator | probes | RMS per-image error (bits/dim), {args.seeds} draw(s) | mean error "
-              "| time / 1 Rademacher probe |\n|---|---|---|---|---|")
+              "| time / 1 Rademacher probe | NFE |\n|---|---|---|---|---|---|")
         for spec in args.estimators.split(","):
             divergence, _, probes = spec.partition(":")
-            error, bias, seconds = estimator_error(mixture, sde, x, divergence, int(probes or 1), args.seeds)
+            error, bias, seconds, nfe = estimator_error(mixture, sde, x, divergence, int(probes or 1), args.seeds)
             results["estimators"].append({"divergence": divergence, "n_probes": int(probes or 1), "seeds": args.seeds,
                                           "rms_error_bpd": error, "mean_error_bpd": bias,
-                                          "time_ratio": seconds / reference})
-            print(f"| {divergence} | {probes or 1} | {error:.1e} | {bias:+.1e} | {seconds / reference:.2f} |",
+                                          "time_ratio": seconds / reference, "median_nfe": nfe})
+            print(f"| {divergence} | {probes or 1} | {error:.1e} | {bias:+.1e} | {seconds / reference:.2f} | {nfe} |",
                   flush=True)
     if args.out:
         write_json(args.out, results)
