@@ -10,11 +10,18 @@ Score functions:
   ddpmpp    the same Gaussian score plus NET_WEIGHT x the output of a small randomly initialised DDPM++
             U-Net (as a noise prediction): the cost per evaluation of a network (forward + VJP through it)
             on an ODE as smooth as a real density's. An untrained network alone makes the ODE very stiff
-            (over 1,500 NFE for one batch of digits at tol 1e-5), unlike a trained one.
+            (over 1,500 NFE for one batch of digits at tol 1e-5), unlike a trained one;
+  run       the EMA network of the trained run in --workdir (its SDE and data scaling; --sde is ignored).
+
+With several methods, the per-image bits/dim of each is compared with the first (largest and RMS difference):
+put an exact-divergence method first (e.g. dopri5@exact) to measure the estimators' per-image error. Use one
+batch (--num_images = --batch_size) so that every method sees the same dequantization.
 
 Examples:
   python scripts/bench_likelihood.py --data digits --score gaussian --num_images 64 --batch_size 64
   python scripts/bench_likelihood.py --data digits --score ddpmpp --methods dopri5,dopri5@hutchpp:1,dopri5@hutchpp:2
+  python scripts/bench_likelihood.py --data digits --score run --workdir runs/digits --num_images 16 --batch_size 16 \
+      --methods dopri5@exact,dopri5@hutchinson_rademacher,dopri5@hutchpp:2 --repeats 1
   python scripts/bench_likelihood.py --data cifar10 --score ddpmpp --net_config ssde_vp_cifar10_ddpmpp_continuous \
       --device cuda --num_images 500 --batch_size 250 --repeats 1
 """
@@ -128,7 +135,8 @@ def run_method(method, sde, score_fn, images, batch_size, scale, args, device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="digits", choices=["digits", "cifar10"])
-    parser.add_argument("--score", default="gaussian", choices=["gaussian", "ddpmpp"])
+    parser.add_argument("--score", default="gaussian", choices=["gaussian", "ddpmpp", "run"])
+    parser.add_argument("--workdir", default="", help="with --score run: the trained run to evaluate")
     parser.add_argument("--sde", default="vp", choices=list(SDES))
     parser.add_argument("--net_config", default="", help="with --score ddpmpp: take the network of this named "
                         "config (random weights), e.g. ssde_vp_cifar10_ddpmpp_continuous; default a small DDPM++")
@@ -156,6 +164,12 @@ def main() -> None:
     score_fn, mixture = gaussian_score(images, sde, scale)
     if args.score == "ddpmpp":
         score_fn = combined_score(score_fn, ddpmpp_score(images, args.sde, device, net_config=args.net_config))
+    elif args.score == "run":
+        from data.transforms import data_scale
+        from evaluation import load_run
+
+        run = load_run(args.workdir, device)
+        sde, score_fn, scale = run.sde, run.score_fn, data_scale(run.config)
 
     results = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -182,8 +196,10 @@ def main() -> None:
               f"{images.shape[0] / seconds:.2f} images/s ({seconds:.2f} s, best of {args.repeats})", flush=True)
     for other in methods[1:]:
         diff = (per_image[methods[0]] - per_image[other]).abs().max().item()
+        rms = (per_image[methods[0]] - per_image[other]).pow(2).mean().sqrt().item()
         results[f"max_abs_bpd_difference_{methods[0]}_vs_{other}"] = diff
-        print(f"largest per-image |bpd difference| between {methods[0]} and {other}: {diff:.2e}")
+        results[f"rms_bpd_difference_{methods[0]}_vs_{other}"] = rms
+        print(f"per-image |bpd difference| between {methods[0]} and {other}: largest {diff:.2e}, RMS {rms:.2e}")
     if args.score == "gaussian":
         # The exact bpd of the same dequantized images (same generator draws the same u first).
         generator = torch.Generator(device=device).manual_seed(args.seed)
