@@ -211,11 +211,13 @@ def bench_likelihood(config, device: torch.device, batch: int, tol: float, scipy
     shape = (batch, int(config.data.num_channels), int(config.data.image_size), int(config.data.image_size))
     images = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8).to(device)
     out = {}
-    # dopri5 with torchdiffeq's error norm (max over x and the log-density) and with scipy's (RMS over the
-    # joint state, `likelihood.joint_rms_norm`), which makes its step sizes comparable to the RK45 reference
-    methods = {"dopri5": None, "dopri5_rms": {"norm": likelihood.joint_rms_norm}}
+    # "default": log_likelihood's defaults (dopri5, the per-dimension error norm); "dopri5_max_rms": the old
+    # default (torchdiffeq's norm, max over x and the log-density); "dopri5_rms": scipy's norm (RMS over the
+    # joint state), the step control of the RK45 reference
+    methods = {"default": {"method": "dopri5"}, "dopri5_max_rms": {"method": "dopri5", "error_norm": "max_rms"},
+               "dopri5_rms": {"method": "dopri5", "error_norm": "joint_rms"}}
     if scipy:
-        methods["scipy_rk45"] = None
+        methods["scipy_rk45"] = {"method": "scipy_rk45"}
     for label, options in methods.items():
         result = {}
 
@@ -223,8 +225,8 @@ def bench_likelihood(config, device: torch.device, batch: int, tol: float, scipy
             generator = torch.Generator(device=device).manual_seed(0)
             result["bpd"], result["nfe"] = likelihood.bits_per_dim(
                 sde, score_fn, images, data_scale=data_scale(config), generator=generator,
-                method=label.removesuffix("_rms"), rtol=tol, atol=tol, eps=float(config.likelihood.eps),
-                divergence=str(config.likelihood.divergence), options=options)
+                rtol=tol, atol=tol, eps=float(config.likelihood.eps),
+                divergence=str(config.likelihood.divergence), **options)
 
         with strict_float32():
             seconds = timed(run, device)

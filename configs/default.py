@@ -129,6 +129,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     likelihood.method = "dopri5"
     likelihood.rtol = 1e-5
     likelihood.atol = 1e-5
+    # error norm of the adaptive step (likelihood.ode): "per_dim" holds log p to the tolerance per data dimension
+    # (the scale of bits/dim), "max_rms" is torchdiffeq's norm (the old default), "joint_rms" scipy's
+    likelihood.error_norm = "per_dim"
     likelihood.divergence = "hutchinson_rademacher"  # or exact, hutchinson_gaussian, hutchpp, hutchpp_plain
     likelihood.n_probes = 1  # probes per evaluation (Hutch++: sketch size k, 3k VJPs)
     likelihood.num_dequant = 1

@@ -48,10 +48,23 @@ def likelihood_score_fns(config, sde, model):
                                 **models.score_fn_options(config)))
 
 
+def check_likelihood_choices(config) -> None:
+    """likelihood.method, error_norm and divergence name things the likelihood knows (one line, before work)."""
+    from likelihood.divergence import DIVERGENCES
+    from likelihood.ode import ERROR_NORMS, torchdiffeq_methods
+
+    lk = config.likelihood
+    for key, valid in (("method", torchdiffeq_methods()), ("error_norm", ERROR_NORMS), ("divergence", DIVERGENCES)):
+        value = lk.get(key, "per_dim")
+        if value not in valid:
+            raise UserError(f"likelihood.{key} must be one of {', '.join(valid)}; got {value!r}")
+
+
 def _likelihood_options(config) -> dict:
     lk = config.likelihood
     return {"eps": float(lk.eps), "method": str(lk.method), "rtol": float(lk.rtol), "atol": float(lk.atol),
-            "divergence": str(lk.divergence), "n_probes": int(lk.n_probes)}
+            "divergence": str(lk.divergence), "n_probes": int(lk.n_probes),
+            "error_norm": str(lk.get("error_norm", "per_dim"))}
 
 
 def _toy_points(config, split: str, count: int) -> torch.Tensor:
@@ -249,6 +262,7 @@ def run(config, workdir: str, args) -> int:
     if args.num_batches is not None and args.num_batches <= 0:
         raise UserError(f"--num_batches must be positive, got {args.num_batches}")
     check_settings(config, args, "likelihood", get_sde)  # also when called without main.py
+    check_likelihood_choices(config)
     path, settings = results_path(config, workdir, split, args)
     check_output_files([path])  # before the work, not after
     group = distributed.setup(get_device(config))  # `torchrun --nproc_per_node=K`: the batches are shared

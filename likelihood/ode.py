@@ -35,6 +35,7 @@ from sde_lib.base import SDE, ScoreFn
 from solvers.common import CountingScore  # the NFE counter the samplers use
 
 SCIPY_METHOD = "scipy_rk45"
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's error-controlled ones
 
 
 def torchdiffeq_methods() -> list[str]:
@@ -111,19 +112,23 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
                    n_probes: int = 1, generator: torch.Generator | None = None,
                    prior_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    options: dict | None = None, time_variable: str = "t",
-                   state: str = "x") -> tuple[torch.Tensor, torch.Tensor, int]:
+                   state: str = "x", error_norm: str = "per_dim") -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-sample log p_eps(x) through the PF-ODE; returns (logp (batch,), z = x(T), nfe).
 
-    `time_variable` = "t" integrates in t, "log_sigma" in s = log(sigma(t) / alpha(t)); `state` = "x" integrates
-    x, "x_over_alpha" the semi-linear state x / alpha(t) (likelihood.time_change; both measured no cheaper on
-    the mixtures, see docs/PERFORMANCE.md).
+    `time_variable` = "t" integrates in t, "log_sigma" in s = log(sigma(t) / alpha(t)), "sigma" in u = sigma / alpha;
+    `state` = "x" integrates x, "x_over_alpha" the semi-linear state x / alpha(t) (likelihood.time_change; all
+    measured no cheaper than t and x on the mixtures and a trained network, see docs/PERFORMANCE.md).
     `divergence`: "exact", "hutchinson_rademacher" / "hutchinson_gaussian" (`n_probes` VJPs per evaluation) or
     "hutchpp" / "hutchpp_plain" (Hutch++ with sketch size k = `n_probes`: 3k VJPs; likelihood.divergence).
     `prior_logp(z)` replaces `sde.prior_logp` at T (e.g. the exact marginal p_T in tests); `generator`
     draws the Hutchinson probes (and Hutch++ sketches), fixed for the whole integration; `options` go to
     torchdiffeq.odeint (e.g. {"step_size": 0.01} for fixed-step methods).
+    `error_norm` (adaptive torchdiffeq methods; an `options["norm"]` takes precedence): "per_dim" holds
+    log p to the tolerance per data dimension (`per_dim_norm`), "max_rms" is torchdiffeq's norm for the
+    state (x, delta), "joint_rms" scipy's (`joint_rms_norm`); scipy_rk45 always uses scipy's.
     """
     _check_inputs(sde, x, eps, method, rtol, atol, divergence, n_probes)
+    options = _with_norm(options, method, error_norm, x[0].numel())
     prior_logp = sde.prior_logp if prior_logp is None else prior_logp
     score = CountingScore(score_fn)
     probes = draw_probes(x, divergence, int(n_probes), generator)
@@ -146,8 +151,27 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
     return logp, z, score.calls
 
 
+def per_dim_norm(num_dims: int):
+    """Error norm that controls log p per data dimension: max(RMS of the x error, RMS of the delta error / D).
+
+    The inputs are torchdiffeq's scaled errors, error / (atol + rtol |y|). Dividing delta's by D makes its
+    tolerance D (atol + rtol |delta|) nats, i.e. atol + rtol |delta| nats per dimension: the scale of bits/dim
+    and of the per-component tolerance on x. torchdiffeq's own norm (`max_rms_norm`) holds the whole
+    log-likelihood to atol nats, D times tighter than its per-dimension error, and spends its steps there.
+    """
+
+    def norm(state) -> torch.Tensor:
+        x_error, delta_error = state
+        return torch.maximum(x_error.pow(2).mean().sqrt(), delta_error.pow(2).mean().sqrt() / num_dims)
+
+    return norm
+
+
+ERROR_NORMS = ("per_dim", "max_rms", "joint_rms")
+
+
 def joint_rms_norm(state) -> torch.Tensor:
-    """scipy's error norm, RMS over the whole state (x and delta together); pass as options={"norm": joint_rms_norm}.
+    """scipy's error norm, RMS over the whole state (x and delta together): error_norm="joint_rms".
 
     torchdiffeq's default for the tuple state (x, delta) is the max of the two RMS norms, which controls the
     error of the log-likelihood term on its own and takes somewhat more steps.
@@ -161,6 +185,16 @@ def max_rms_norm(state) -> torch.Tensor:
     """torchdiffeq's own norm for a tuple state: the largest of the RMS norms of x and of delta."""
     parts = state if isinstance(state, (tuple, list)) else (state,)
     return torch.stack([part.pow(2).mean().sqrt() for part in parts]).max()
+
+
+def _with_norm(options: dict | None, method: str, error_norm: str, num_dims: int) -> dict | None:
+    """torchdiffeq options with the error norm of `error_norm` added (adaptive methods only)."""
+    if error_norm not in ERROR_NORMS:
+        raise UserError(f"unknown error_norm {error_norm!r}; valid: {', '.join(ERROR_NORMS)}")
+    if method == SCIPY_METHOD or method not in ADAPTIVE_METHODS or (options and "norm" in options):
+        return options
+    norm = {"per_dim": per_dim_norm(num_dims), "max_rms": max_rms_norm, "joint_rms": joint_rms_norm}[error_norm]
+    return {**(options or {}), "norm": norm}
 
 
 def _integrate_torchdiffeq(fn, x, start, end, method, rtol, atol, options):

@@ -1,4 +1,5 @@
-"""Integration variables for the PF-ODE: t itself, or s = log(sigma(t) / alpha(t)) (minus half the log-SNR).
+"""Integration variables for the PF-ODE: t itself, s = log(sigma(t) / alpha(t)) (minus half the log-SNR), or
+u = sigma(t) / alpha(t) = e^s (EDM's time variable; with the state x / alpha the PF-ODE is dy/du = eps_hat).
 
 The PF-ODE dx/dt = f~(x, t) and the divergence integral d delta/dt = div f~ become, for t = t(s),
 dx/ds = f~(x, t(s)) dt/ds and d delta/ds = div f~(x, t(s)) dt/ds (change of variables in both integrals).
@@ -22,7 +23,7 @@ from errors import UserError
 from sde_lib import EDMSDE, VESDE, VPSDE, subVPSDE
 from sde_lib.base import SDE
 
-TIME_VARIABLES = ("t", "log_sigma")
+TIME_VARIABLES = ("t", "log_sigma", "sigma")
 
 
 class TimeChange:
@@ -44,6 +45,11 @@ class TimeChange:
         """The integration variable at time t."""
         if self.variable == "t":
             return t
+        if self.variable == "sigma":  # u = sigma / alpha = e^s (EDM's time variable, Karras et al. 2022)
+            return torch.exp(self._log_sigma(t))
+        return self._log_sigma(t)
+
+    def _log_sigma(self, t: torch.Tensor) -> torch.Tensor:
         if isinstance(self.sde, VESDE):
             return torch.log(self.sde.sigma(t))
         if isinstance(self.sde, EDMSDE):
@@ -57,6 +63,11 @@ class TimeChange:
         """The time t at integration variable s."""
         if self.variable == "t":
             return s
+        if self.variable == "sigma":
+            return self._t_of_log_sigma(torch.log(s))
+        return self._t_of_log_sigma(s)
+
+    def _t_of_log_sigma(self, s: torch.Tensor) -> torch.Tensor:
         if isinstance(self.sde, VESDE):
             return (s - math.log(self.sde.sigma_min)) / self.sde.log_ratio
         if isinstance(self.sde, EDMSDE):
@@ -69,6 +80,11 @@ class TimeChange:
         """dt/ds at integration variable s."""
         if self.variable == "t":
             return torch.ones_like(s)
+        if self.variable == "sigma":  # dt/du = (dt/d log u) / u
+            return self._dt_dlog_sigma(torch.log(s)) / s
+        return self._dt_dlog_sigma(s)
+
+    def _dt_dlog_sigma(self, s: torch.Tensor) -> torch.Tensor:
         if isinstance(self.sde, VESDE):
             return torch.full_like(s, 1.0 / self.sde.log_ratio)
         if isinstance(self.sde, EDMSDE):
@@ -77,7 +93,7 @@ class TimeChange:
             db_ds = torch.exp(s) / torch.sqrt(1 + torch.exp(2 * s) / 4)
         else:
             db_ds = 2 * torch.sigmoid(2 * s)
-        return db_ds / self.sde.beta(self.t_of_s(s))
+        return db_ds / self.sde.beta(self._t_of_log_sigma(s))
 
 
 STATES = ("x", "x_over_alpha")

@@ -42,29 +42,20 @@ EPS = 1e-5
 # Integrator settings: keyword arguments of log_likelihood ("default" = the current defaults).
 SETTINGS = {
     "default": {},
-    "old_default": {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "options": {"norm": "max_rms"},
-                    "time_variable": "t"},
+    "old_default": {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "error_norm": "max_rms", "time_variable": "t"},
     "paper": {"method": "scipy_rk45", "rtol": 1e-5, "atol": 1e-5, "time_variable": "t"},
 }
 
 
 def _setting(name: str) -> dict:
-    """log_likelihood keyword arguments of a named setting, or of METHOD/TOL/NORM/VARIABLE
-    (e.g. dopri5/1e-4/joint_rms/log_sigma/x_over_alpha; NORM max_rms or joint_rms, VARIABLE t or
-    log_sigma, optional STATE x or x_over_alpha)."""
-    from likelihood import joint_rms_norm
-    from likelihood.ode import max_rms_norm
-
-    if name not in SETTINGS:
-        method, tol, norm, variable, *state = name.split("/")
-        return {"method": method, "rtol": float(tol), "atol": float(tol), "time_variable": variable,
-                "state": state[0] if state else "x",
-                "options": {"norm": {"max_rms": max_rms_norm, "joint_rms": joint_rms_norm}[norm]}}
-    kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SETTINGS[name].items()}
-    norm = kwargs.get("options", {}).get("norm")
-    if norm is not None:
-        kwargs["options"]["norm"] = {"max_rms": max_rms_norm, "joint_rms": joint_rms_norm}[norm]
-    return kwargs
+    """log_likelihood keyword arguments of a named setting, or of METHOD/TOL/NORM/VARIABLE[/STATE]
+    (e.g. dopri5/1e-4/joint_rms/log_sigma/x_over_alpha; NORM per_dim, max_rms or joint_rms, VARIABLE t,
+    log_sigma or sigma, optional STATE x or x_over_alpha)."""
+    if name in SETTINGS:
+        return dict(SETTINGS[name])
+    method, tol, norm, variable, *state = name.split("/")
+    return {"method": method, "rtol": float(tol), "atol": float(tol), "time_variable": variable,
+            "state": state[0] if state else "x", "error_norm": norm}
 
 
 def ode_error(mixture, sde, x, setting: str) -> tuple[float, int]:

@@ -92,7 +92,7 @@ def test_cpu_dry_run_writes_every_result(tmp_path):
     sampling = load(out / "sample.json")["sampling"]["vp_cifar"]["eager"]
     assert sampling["network"]["evals_per_s"] > 0
     lik = load(out / "likelihood.json")["likelihood"]["vp_cifar"]
-    assert set(lik) == {"dopri5", "dopri5_rms", "scipy_rk45", "speedup_vs_scipy"}
-    assert all(lik[m]["nfe"] > 0 for m in ("dopri5", "dopri5_rms", "scipy_rk45"))
+    assert set(lik) == {"default", "dopri5_max_rms", "dopri5_rms", "scipy_rk45", "speedup_vs_scipy"}
+    assert all(lik[m]["nfe"] > 0 for m in ("default", "dopri5_max_rms", "dopri5_rms", "scipy_rk45"))
     summary = (out / "summary.md").read_text()
     assert "all steps ok" in summary and "images/s" in summary and "NFE" in summary

@@ -198,7 +198,7 @@ def test_throughput_benchmark_quick_smoke(tmp_path):
     assert 0 < row["mfu"] < 1.0
     sampling = report["sampling"]["vp_cifar"]["eager"]
     assert sampling["em"]["nfe"] == sampling["ode_euler"]["nfe"] == 2
-    assert report["likelihood"]["vp_cifar"]["dopri5"]["images_per_s"] > 0
+    assert report["likelihood"]["vp_cifar"]["default"]["images_per_s"] > 0
     assert "| vp_cifar | 2 | float32 |" in throughput.format_table(report)
 
 
