@@ -265,7 +265,7 @@ def main() -> None:
         exact = []
         for lo in range(0, images.shape[0], args.batch_size):
             batch = torch.from_numpy(images[lo:lo + args.batch_size]).to(device)
-            u = torch.rand(batch.shape, generator=generator, device=device, dtype=torch.float32)
+            u = torch.rand(batch.shape, generator=generator, device=device, dtype=args.torch_dtype)
             y = (scale[0] * (batch.float() + u) / 256 + scale[1]).reshape(batch.shape[0], -1)
             logp = mixture.marginal_log_prob(y.double().cpu(), args.eps, sde)
             exact.append(-logp / (y.shape[1] * math.log(2)) + 8 - math.log2(scale[0]))
