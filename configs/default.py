@@ -132,8 +132,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # error norm of the adaptive step (likelihood.ode): "per_dim" holds log p to the tolerance per data dimension
     # (the scale of bits/dim), "max_rms" is torchdiffeq's norm (the old default), "joint_rms" scipy's
     likelihood.error_norm = "per_dim"
-    likelihood.divergence = "hutchinson_rademacher"
-    likelihood.n_probes = 1
+    likelihood.divergence = "hutchinson_rademacher"  # or exact, hutchinson_gaussian, hutchpp, hutchpp_plain
+    likelihood.n_probes = 1  # probes per evaluation (Hutch++: sketch size k, 3k VJPs)
     likelihood.num_dequant = 1
     likelihood.batch_size = 500
     likelihood.split = "test"

@@ -17,12 +17,18 @@ Score functions:
 With --reference_tol (e.g. 1e-7) every method is also compared with a dopri5 reference at that tolerance on the
 same images and probes: the report gives |mean bpd - reference| and the largest per-image difference.
 A method is NAME[_rms|_pd][:TIME_VARIABLE[:STATE]][@RTOL[/ATOL]] (tolerances default to --tol; _rms: scipy's
-error norm, _pd: the per-dimension norm, neither: torchdiffeq's; "default" = log_likelihood's defaults).
+error norm, _pd: the per-dimension norm, neither: torchdiffeq's; "default" = log_likelihood's defaults), optionally
+followed by +DIVERGENCE[:N] (e.g. default+hutchpp:2; else --divergence with --n_probes). The per-image bits/dim of
+every method are compared with the first one's (largest and RMS difference): put an exact-divergence method first
+(e.g. default+exact) to measure the estimators' per-image error, on one batch (--num_images = --batch_size) so that
+every method sees the same dequantization.
 
 Examples:
   python scripts/bench_likelihood.py --data digits --score gaussian --num_images 64 --batch_size 64
   python scripts/bench_likelihood.py --data digits --score run --run runs/digits --dtype float64 \
       --reference_tol 1e-7 --methods scipy_rk45@1e-5,dopri5@1e-5,default
+  python scripts/bench_likelihood.py --data digits --score ddpmpp --num_images 32 --batch_size 32 \
+      --methods default+hutchinson_rademacher,default+hutchpp:1,default+hutchpp:2
   python scripts/bench_likelihood.py --data cifar10 --score ddpmpp --net_config ssde_vp_cifar10_ddpmpp_continuous \
       --device cuda --num_images 500 --batch_size 250 --repeats 1
 """
@@ -45,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from atomic_io import write_json  # noqa: E402
 from data import GaussianMixture  # noqa: E402
 from likelihood import bits_per_dim, mean_and_stderr  # noqa: E402
+from likelihood.divergence import draw_probes  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
 
 SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
@@ -115,11 +122,15 @@ def run_method(method, sde, score_fn, images, batch_size, scale, args, device):
     """bpd per image, mean NFE per batch and wall seconds for one integrator.
 
     "dopri5_rms" is dopri5 with scipy's error norm (RMS over the whole state) instead of torchdiffeq's
-    default for a tuple state (the max of the RMS norms of x and of delta log p).
+    default for a tuple state (the max of the RMS norms of x and of delta log p). A suffix "+DIVERGENCE[:N]" uses
+    that divergence estimator with N probes (e.g. default+hutchpp:2) instead of --divergence / --n_probes.
     """
-    options = {}
+    method, _, estimator = method.partition("+")
+    divergence, _, n_probes = estimator.partition(":")
+    options = {"divergence": divergence or args.divergence,
+               "n_probes": int(n_probes or (1 if estimator else args.n_probes))}
     if method == "default":  # log_likelihood's own defaults (method, tolerances, variable, state)
-        return _run_batches(sde, score_fn, images, batch_size, scale, args, device, {})
+        return _run_batches(sde, score_fn, images, batch_size, scale, args, device, options)
     method, _, tolerances = method.partition("@")
     rtol, _, atol = tolerances.partition("/")
     options.update(rtol=float(rtol or args.tol), atol=float(atol or rtol or args.tol))
@@ -145,7 +156,7 @@ def _run_batches(sde, score_fn, images, batch_size, scale, args, device, options
     for lo in range(0, images.shape[0], batch_size):
         batch = torch.from_numpy(images[lo:lo + batch_size]).to(device)
         bpd, nfe = bits_per_dim(sde, score_fn, batch, data_scale=scale, generator=generator, dtype=args.torch_dtype,
-                                divergence=args.divergence, eps=args.eps, **options)
+                                eps=args.eps, **options)
         bpds.append(bpd.cpu())
         nfes.append(nfe)
     if device.type == "cuda":
@@ -175,6 +186,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol for both paths")
     parser.add_argument("--eps", type=float, default=1e-5)
     parser.add_argument("--divergence", default="hutchinson_rademacher")
+    parser.add_argument("--n_probes", type=int, default=1, help="probes (Hutch++: sketch size k, 3k VJPs)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -200,7 +212,7 @@ def main() -> None:
                           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
                "threads": args.threads, "data": args.data, "score": args.score, "sde": args.sde,
                "num_images": int(images.shape[0]), "dims": int(images[0].size), "tol": args.tol,
-               "divergence": args.divergence, "methods": {}}
+               "divergence": args.divergence, "n_probes": args.n_probes, "methods": {}}
     per_image, nfes, times = {}, {}, {}
     methods = args.methods.split(",")
     for method in methods if args.warmup else ():  # warm-up on one batch (first-call allocations), not timed
@@ -243,23 +255,22 @@ def main() -> None:
                   f"NFE {nfes[method]:.0f}/batch")
     for other in methods[1:]:
         diff = (per_image[methods[0]] - per_image[other]).abs().max().item()
+        rms = (per_image[methods[0]] - per_image[other]).pow(2).mean().sqrt().item()
         results[f"max_abs_bpd_difference_{methods[0]}_vs_{other}"] = diff
-        print(f"largest per-image |bpd difference| between {methods[0]} and {other}: {diff:.2e}")
+        results[f"rms_bpd_difference_{methods[0]}_vs_{other}"] = rms
+        print(f"per-image |bpd difference| between {methods[0]} and {other}: largest {diff:.2e}, RMS {rms:.2e}")
     if args.score == "gaussian":
         # The exact bpd of the same dequantized images (same generator draws the same u first).
         generator = torch.Generator(device=device).manual_seed(args.seed)
         exact = []
         for lo in range(0, images.shape[0], args.batch_size):
             batch = torch.from_numpy(images[lo:lo + args.batch_size]).to(device)
-            u = torch.rand(batch.shape, generator=generator, device=device, dtype=torch.float32)
+            u = torch.rand(batch.shape, generator=generator, device=device, dtype=args.torch_dtype)
             y = (scale[0] * (batch.float() + u) / 256 + scale[1]).reshape(batch.shape[0], -1)
             logp = mixture.marginal_log_prob(y.double().cpu(), args.eps, sde)
             exact.append(-logp / (y.shape[1] * math.log(2)) + 8 - math.log2(scale[0]))
-            # keep the generator in step with the probe draws of bits_per_dim (likelihood.divergence.draw_probes)
-            if args.divergence == "hutchinson_rademacher":
-                torch.randint(0, 2, (1,) + tuple(batch.shape), generator=generator, device=device)
-            elif args.divergence == "hutchinson_gaussian":
-                torch.randn((1,) + tuple(batch.shape), generator=generator, device=device, dtype=torch.float32)
+            # keep the generator in step with the probe draws of bits_per_dim (--divergence, --n_probes)
+            draw_probes(y.reshape(batch.shape), args.divergence, args.n_probes, generator)
         mean, stderr = mean_and_stderr(torch.cat(exact))
         results["exact_bits_per_dim"] = mean
         print(f"exact (closed-form density at eps): {mean:.4f} ± {stderr:.4f} bits/dim")

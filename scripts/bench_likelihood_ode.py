@@ -6,11 +6,16 @@ Two measurements, each printed as a Markdown table (and written as JSON with --o
   exact mixture score, the prior at T replaced by the exact marginal p_T (so only the integration error is
   left), and the score evaluations (NFE) of one pass, for each integrator setting.
 * Per-image estimator error: |log p with the divergence estimator - log p with the exact divergence| / (D log 2)
-  per image (RMS over images), same integrator, and the wall time relative to one Rademacher probe.
+  per image (RMS over images and --seeds probe draws), same integrator, and the wall time relative to one
+  Rademacher probe (median over the --seeds timed passes of each; the reference is timed the same way).
+  Estimators are DIVERGENCE[:N_PROBES], e.g. hutchinson_rademacher:4 or hutchpp:3 (N_PROBES = sketch size k
+  for Hutch++, 3k VJPs per evaluation).
 
 Examples:
   python scripts/bench_likelihood_ode.py
   python scripts/bench_likelihood_ode.py --problems ring2d:vp,mix64:vp --settings old_default,paper,default
+  python scripts/bench_likelihood_ode.py --problems ring2d:vp --settings default \
+      --estimators hutchinson_rademacher,hutchinson_rademacher:4,hutchpp:2,hutchpp:3,hutchpp:4 --seeds 5
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import datetime
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -61,16 +67,21 @@ def ode_error(mixture, sde, x, setting: str) -> tuple[float, int]:
     return float((logp - exact).abs().mean() / (mixture.dim * math.log(2))), nfe
 
 
-def estimator_error(mixture, sde, x, divergence: str, n_probes: int, seed: int) -> tuple[float, float]:
-    """RMS per-image error in bits/dim of the estimator against the exact divergence, and its wall seconds."""
+def estimator_error(mixture, sde, x, divergence: str, n_probes: int, seeds: int) -> tuple[float, float, float, int]:
+    """RMS per-image error in bits/dim of the estimator against the exact divergence over `seeds` probe draws
+    (seeds 0, 1, ...), the mean error (its bias plus noise), the median wall seconds and the median NFE of a pass."""
     score = mixture.score_fn(sde)
     exact, _, _ = log_likelihood(sde, score, x, eps=EPS, divergence="exact")
-    start = time.perf_counter()
-    est, _, _ = log_likelihood(sde, score, x, eps=EPS, divergence=divergence, n_probes=n_probes,
-                               generator=torch.Generator().manual_seed(seed))
-    seconds = time.perf_counter() - start
-    err = (est - exact) / (mixture.dim * math.log(2))
-    return float(err.pow(2).mean().sqrt()), seconds
+    errors, seconds, nfes = [], [], []
+    for seed in range(seeds):
+        start = time.perf_counter()
+        est, _, nfe = log_likelihood(sde, score, x, eps=EPS, divergence=divergence, n_probes=n_probes,
+                                     generator=torch.Generator().manual_seed(seed))
+        seconds.append(time.perf_counter() - start)
+        nfes.append(nfe)
+        errors.append((est - exact) / (mixture.dim * math.log(2)))
+    err = torch.stack(errors)
+    return float(err.pow(2).mean().sqrt()), float(err.mean()), statistics.median(seconds), int(statistics.median(nfes))
 
 
 def main() -> None:
@@ -81,6 +92,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--estimators", default="hutchinson_gaussian,hutchinson_rademacher",
                         help="divergence estimators for the per-image table (mix64, VP); empty to skip")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="probe draws (and timed passes) per estimator in the per-image table")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -101,16 +114,18 @@ def main() -> None:
     if args.estimators:
         mixture, sde = toy_mixture("mix64"), VPSDE()
         x = mixture.sample(args.batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        _, reference = estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, 0)  # warm-up
-        _, reference = estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, 0)
-        print("\n| mix64 VP estimator | probes | RMS per-image error (bits/dim) | time / 1 Rademacher probe |")
-        print("|---|---|---|---|")
+        estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, 1)  # warm-up
+        *_, reference, _ = estimator_error(mixture, sde, x, "hutchinson_rademacher", 1, max(3, args.seeds))
+        print(f"\n| mix64 VP estimator | probes | RMS per-image error (bits/dim), {args.seeds} draw(s) | mean error "
+              "| time / 1 Rademacher probe | NFE |\n|---|---|---|---|---|---|")
         for spec in args.estimators.split(","):
             divergence, _, probes = spec.partition(":")
-            error, seconds = estimator_error(mixture, sde, x, divergence, int(probes or 1), 0)
-            results["estimators"].append({"divergence": divergence, "n_probes": int(probes or 1),
-                                          "rms_error_bpd": error, "time_ratio": seconds / reference})
-            print(f"| {divergence} | {probes or 1} | {error:.1e} | {seconds / reference:.2f} |", flush=True)
+            error, bias, seconds, nfe = estimator_error(mixture, sde, x, divergence, int(probes or 1), args.seeds)
+            results["estimators"].append({"divergence": divergence, "n_probes": int(probes or 1), "seeds": args.seeds,
+                                          "rms_error_bpd": error, "mean_error_bpd": bias,
+                                          "time_ratio": seconds / reference, "median_nfe": nfe})
+            print(f"| {divergence} | {probes or 1} | {error:.1e} | {bias:+.1e} | {seconds / reference:.2f} | {nfe} |",
+                  flush=True)
     if args.out:
         write_json(args.out, results)
 

@@ -659,3 +659,32 @@ def test_bench_likelihood_ode_script_runs(tmp_path, monkeypatch, capsys):
     assert [r["setting"] for r in rows][:2] == ["default", "paper"]
     assert all(r["nfe"] > 10 and 0 < r["error_bpd"] < 1e-2 for r in rows), rows
     assert "| ring2d:vp | paper |" in capsys.readouterr().out
+
+
+def test_bench_likelihood_script_compares_with_a_reference(tmp_path, monkeypatch, capsys):
+    """scripts/bench_likelihood.py (docs/PERFORMANCE.md): per-method tolerances and norms, a tight reference
+    computed once and reused with --reference_from, float64 throughout."""
+    import json
+    import sys
+
+    from scripts import bench_likelihood
+
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    common = ["bench_likelihood.py", "--data", "digits", "--score", "gaussian", "--num_images", "4",
+              "--batch_size", "4", "--repeats", "1", "--warmup", "0", "--dtype", "float64"]
+    monkeypatch.setattr(sys, "argv", common + ["--methods", "default,dopri5@1e-3/1e-4", "--reference_tol", "1e-7",
+                                               "--out", str(first)])
+    bench_likelihood.main()
+    report = json.loads(first.read_text())
+    assert report["reference"]["mean_nfe_per_batch"] > report["methods"]["default"]["mean_nfe_per_batch"]
+    # the ODE ends at the N(0, I) prior, not at the field's exact p_T: up to 9e-4 bits/dim per image here
+    assert abs(report["reference"]["bits_per_dim"] - report["exact_bits_per_dim"]) < 2e-3
+    loose = report["methods"]["dopri5@1e-3/1e-4"]
+    assert 0 < loose["reference_max_image_bpd_difference"] < 1e-2 and len(loose["bpd_per_image"]) == 4
+    monkeypatch.setattr(sys, "argv", common + ["--methods", "dopri5_pd@1e-5", "--reference_from", str(first),
+                                               "--out", str(second)])
+    bench_likelihood.main()
+    again = json.loads(second.read_text())
+    assert again["reference"] == report["reference"]
+    assert again["methods"]["dopri5_pd@1e-5"]["reference_mean_bpd_difference"] < 1e-4
+    assert "reference dopri5 at rtol = atol = 1e-07" in capsys.readouterr().out
