@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
         --data) DATA="${2:-}"; shift ;;
         --budget) BUDGET="${2:-}"; shift ;;
         --steps) ONLY=",${2:-},"; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (use --quick, --device cuda|cpu, --data DIR, --budget SECONDS, --steps NAME,...)" >&2; exit 2 ;;
     esac
     shift

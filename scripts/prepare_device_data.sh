@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
         --test) TEST="${2:-}"; shift ;;
         --dest) DEST="${2:-}"; shift ;;
         --num_test) NUM_TEST="${2:-}"; shift ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "prepare_device_data: unknown argument '$1' (use --train PART.npz, --test TEST.npz, --dest DIR, --num_test N)" >&2; exit 2 ;;
     esac
     shift
