@@ -262,3 +262,36 @@ def test_quick_cpu_writes_every_result(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "all steps ok" in summary and "images/s" in summary and "NFE" in summary
     assert f"torchsde {env['packages']['torchsde']}" in summary  # the environment, now inside steps.json, is still in the summary
+
+
+def test_report_helpers_run_iters_and_append_training(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_report", os.path.join(ROOT, "benchmarks",
+                                                                                   "gpu_check_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    rows = [{"batch": 128, "precision": "float32", "compile": False, "images_per_s": 6400.0},
+            {"batch": 128, "precision": "bf16", "compile": True, "images_per_s": 6400.0},
+            {"batch": 128, "precision": "bf16", "compile": False, "images_per_s": float("nan")},
+            {"batch": 512, "precision": "bf16", "compile": False, "images_per_s": 6400.0}]
+    (tmp_path / "train.json").write_text(json.dumps({"training": rows}))
+    # no usable eager bf16 row at batch 128: the fallback rate, 8 steps/s
+    assert report.run_iters(str(tmp_path / "train.json"), 100) == 800
+    rows.append({"batch": 128, "precision": "bf16", "compile": False, "images_per_s": 1280.0})
+    (tmp_path / "train.json").write_text(json.dumps({"training": rows}))
+    assert report.run_iters(str(tmp_path / "train.json"), 100) == 800  # 0.8 x 10 steps/s
+    assert report.run_iters(str(tmp_path / "train.json"), 0.5) == 20  # at least 20 iterations
+    assert report.run_iters(str(tmp_path / "missing.json"), 1e6) == 20000  # at most 20,000
+    # the compiled rows go after the eager ones; without an eager report the compiled one becomes train.json
+    (tmp_path / "compiled.json").write_text(json.dumps({"command": "c", "mfu_reference_flops": 2.0,
+                                                         "training": [{"compile": True}]}))
+    merged = report.append_training(str(tmp_path / "train.json"), str(tmp_path / "compiled.json"))
+    assert merged["training"][-1] == {"compile": True} and len(merged["training"]) == len(rows) + 1
+    assert merged["appended"] == [{"command": "c", "mfu_reference_flops": 2.0}]
+    assert load(tmp_path / "train.json") == merged
+    created = report.append_training(str(tmp_path / "new.json"), str(tmp_path / "compiled.json"))
+    assert created["training"] == [{"compile": True}] and "appended" not in created
+    with pytest.raises(SystemExit, match="no throughput report"):
+        report.append_training(str(tmp_path / "train.json"), str(tmp_path / "none.json"))
