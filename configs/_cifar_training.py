@@ -20,4 +20,5 @@ def for_training(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     tr.sample_every = 50000
     tr.plot_samples = 64  # an 8x8 grid
     tr.bf16 = True
+    config.likelihood.error_norm = "per_dim"  # the toolkit's likelihood step control (the ssde_* keep the paper's)
     return config

@@ -688,3 +688,21 @@ def test_bench_likelihood_script_compares_with_a_reference(tmp_path, monkeypatch
     assert again["reference"] == report["reference"]
     assert again["methods"]["dopri5_pd@1e-5"]["reference_mean_bpd_difference"] < 1e-4
     assert "reference dopri5 at rtol = atol = 1e-07" in capsys.readouterr().out
+
+
+def test_configs_use_the_new_default_and_ssde_keep_the_paper_protocol():
+    """Issue 15: `--mode likelihood` takes log_likelihood's new defaults; the ssde_* configs keep the paper's."""
+    import inspect
+
+    import configs
+
+    defaults = inspect.signature(log_likelihood).parameters
+    for name in configs.available_configs():
+        lk = configs.get_config(name).likelihood
+        if name.startswith("ssde_"):
+            assert (lk.method, lk.rtol, lk.atol, lk.error_norm) == ("dopri5", 1e-5, 1e-5, "max_rms"), name
+            assert (lk.divergence, lk.n_probes, lk.num_dequant) == ("hutchinson_rademacher", 1, 5), name
+        else:
+            assert (lk.method, lk.rtol, lk.atol, lk.error_norm, lk.divergence, lk.n_probes) == tuple(
+                defaults[key].default for key in ("method", "rtol", "atol", "error_norm", "divergence",
+                                                  "n_probes")), name
