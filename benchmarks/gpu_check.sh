@@ -221,7 +221,8 @@ for split in ('train', 'test'):
     LIK_DEFAULTS=$("$PYTHON" "${REPORT[@]}" likelihood_defaults --config vp_cifar 2>/dev/null)
     collect() {
         "$PYTHON" "${REPORT[@]}" collect_run --workdir "$RUN_DIR" --out "$OUT" --planned_iters "$RUN_ITERS" \
-            --train_seconds_target "$RUN_TRAIN_TARGET" --likelihood_overrides "$LIK_DEFAULTS" >/dev/null 2>&1
+            --train_seconds_target "$RUN_TRAIN_TARGET" "--likelihood_overrides=$LIK_DEFAULTS" >>"$WORK/collect.log" 2>&1 \
+            || echo "gpu_check: collecting run.json failed: $(tail -n 1 "$WORK/collect.log")" >&2
     }
     rm -f "$OUT/run.json" "$OUT/run_samples.png"
     run_step run $(( RUN_TRAIN_TARGET + RUN_OVERHEAD )) - "${MAIN[@]}" --mode train --config vp_cifar \

@@ -158,11 +158,15 @@ def test_quick_cpu_run_steps_train_score_and_sample(tmp_path):
     assert run["train"]["step"] == 3 and run["train"]["steps_per_s"] > 0 and math.isfinite(run["train"]["loss"])
     lik = run["likelihood"]
     # the toolkit's default likelihood settings (vp_cifar keeps the paper's), one batch of the 4 test images
+    import configs
     from configs.default import get_default_config
 
-    default = get_default_config().likelihood
-    assert run["likelihood_overrides"] == (f"--config.likelihood.error_norm={default.error_norm} "
-                                           f"--config.likelihood.num_dequant={default.num_dequant}")
+    default, own = get_default_config().likelihood, configs.get_config("vp_cifar").likelihood
+    assert own.num_dequant != default.num_dequant  # vp_cifar keeps the paper's 5 dequantization passes
+    changed = sorted(k for k in default.keys() if k in own and own[k] != default[k]
+                     and k not in ("batch_size", "split", "num_batches", "toy_num_samples"))  # set by the step
+    text = {k: str(default[k]).lower() if isinstance(default[k], bool) else str(default[k]) for k in changed}
+    assert run["likelihood_overrides"].split() == [f"--config.likelihood.{k}={text[k]}" for k in changed]
     assert (lik["split"], lik["num_samples"], lik["error_norm"], lik["num_dequant"]) == (
         "test", 4, default.error_norm, default.num_dequant)
     assert lik["rtol"] == lik["atol"] == 1e-2 and lik["mean_nfe"] > 0 and lik["seconds"] > 0
