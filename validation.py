@@ -239,9 +239,19 @@ def validate_memory(config, mode: str, args=None) -> None:
         check_batch_memory(key, num, config, device, factor=0,  # all samples are kept (model and data space)
                            extra_bytes=num * _data_numel(config) * 8)
     if mode == "likelihood":
-        check_batch_memory("likelihood.batch_size", config.likelihood.batch_size, config, device, factor=8)
+        check_batch_memory("likelihood.batch_size", config.likelihood.batch_size, config, device,
+                           factor=6 + 2 * likelihood_vjp_vectors(config.likelihood))
     if mode == "train_classifier":
         check_batch_memory("classifier.batch_size", config.classifier.batch_size, config, device, factor=6)
+
+
+def likelihood_vjp_vectors(lk) -> int:
+    """Vectors one batched VJP of the likelihood's divergence carries (its backward memory grows with them):
+    n_probes for Hutchinson, 2 n_probes for Hutch++'s second round, 1 for the exact divergence's chunks."""
+    divergence = str(lk.get("divergence", "hutchinson_rademacher"))
+    if divergence == "exact":
+        return 1
+    return max(1, int(lk.n_probes)) * (2 if divergence.startswith("hutchpp") else 1)
 
 
 def _data_numel(config) -> int:

@@ -176,6 +176,9 @@ CASES = [
     ("likelihood_batch_zero", LIKELIHOOD, ["--config.likelihood.batch_size=0"], "likelihood.batch_size", None),
     ("likelihood_batch_absurd", LIKELIHOOD, ["--config.likelihood.batch_size=100000000000000"], "would need",
      None),
+    # 10^6 toy points fit with one probe (about 1 GiB), not with 10,000 batched probe vectors (about 2.5 TiB)
+    ("likelihood_probes_memory", LIKELIHOOD, ["--config.likelihood.batch_size=1000000",
+                                              "--config.likelihood.n_probes=10000"], "would need", None),
     ("num_dequant_zero", LIKELIHOOD, ["--config.likelihood.num_dequant=0"], "likelihood.num_dequant", None),
     ("beta_max_negative", SAMPLE, ["--config.sde.beta_max=-1"], "sde.beta_max", None),
     ("num_scales_zero", SAMPLE, ["--config.sde.num_scales=0"], "sde.num_scales", None),
@@ -320,3 +323,24 @@ def test_the_real_command_line_exits_2_with_one_line(tmp_path):
         assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
         assert "Traceback" not in err and not out
     assert os.listdir(tmp_path) == []
+
+
+def test_likelihood_memory_estimate_counts_the_probe_vectors():
+    """The batched VJP carries n_probes vectors (2 n_probes for Hutch++): the same batch fits with one probe."""
+    import configs
+    from errors import UserError
+    from validation import likelihood_vjp_vectors, validate_memory
+
+    config = configs.get_config("vp_toy")
+    config.model.hidden_dim, config.model.num_layers, config.device = 16, 2, "cpu"
+    lk = config.likelihood
+    lk.batch_size = 1_000_000  # 34 floats per point: about 1 GiB with one probe
+    validate_memory(config, "likelihood")
+    assert likelihood_vjp_vectors(lk) == 1
+    lk.n_probes = 10_000
+    with pytest.raises(UserError, match="likelihood.batch_size=1000000 would need"):
+        validate_memory(config, "likelihood")
+    lk.divergence, lk.n_probes = "hutchpp", 3
+    assert likelihood_vjp_vectors(lk) == 6
+    lk.divergence = "exact"
+    assert likelihood_vjp_vectors(lk) == 1
