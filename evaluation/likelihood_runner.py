@@ -55,7 +55,7 @@ def check_likelihood_choices(config) -> None:
 
     lk = config.likelihood
     for key, valid in (("method", torchdiffeq_methods()), ("error_norm", ERROR_NORMS), ("divergence", DIVERGENCES)):
-        value = lk.get(key, "per_dim")
+        value = lk[key]  # every config has them (saved ones get new keys from the defaults)
         if value not in valid:
             raise UserError(f"likelihood.{key} must be one of {', '.join(valid)}; got {value!r}")
 

@@ -33,9 +33,9 @@ from likelihood.divergence import (DIVERGENCES, HUTCHPP, draw_probes, exact_dive
                                    hutchpp_divergence)
 from sde_lib.base import SDE, ScoreFn
 from solvers.common import CountingScore  # the NFE counter the samplers use
+from solvers.ode import ADAPTIVE_METHODS  # torchdiffeq's error-controlled methods, the samplers' list
 
 SCIPY_METHOD = "scipy_rk45"
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's error-controlled ones
 
 
 def torchdiffeq_methods() -> list[str]:
@@ -191,7 +191,7 @@ def _with_norm(options: dict | None, method: str, error_norm: str, num_dims: int
     """torchdiffeq options with the error norm of `error_norm` added (adaptive methods only)."""
     if error_norm not in ERROR_NORMS:
         raise UserError(f"unknown error_norm {error_norm!r}; valid: {', '.join(ERROR_NORMS)}")
-    if method == SCIPY_METHOD or method not in ADAPTIVE_METHODS or (options and "norm" in options):
+    if method not in ADAPTIVE_METHODS or (options and "norm" in options):
         return options
     norm = {"per_dim": per_dim_norm(num_dims), "max_rms": max_rms_norm, "joint_rms": joint_rms_norm}[error_norm]
     return {**(options or {}), "norm": norm}
