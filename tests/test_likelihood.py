@@ -706,3 +706,22 @@ def test_configs_use_the_new_default_and_ssde_keep_the_paper_protocol():
             assert (lk.method, lk.rtol, lk.atol, lk.error_norm, lk.divergence, lk.n_probes) == tuple(
                 defaults[key].default for key in ("method", "rtol", "atol", "error_norm", "divergence",
                                                   "n_probes")), name
+
+
+def test_likelihood_grid_floor_script_runs(monkeypatch, capsys):
+    """scripts/likelihood_grid_floor.py (docs/PERFORMANCE.md): a tight pilot's grid resampled for fixed-grid rk4;
+    more evaluations on that grid give a smaller error, and the table has a row per pilot."""
+    import sys
+
+    from scripts import likelihood_grid_floor
+
+    monkeypatch.setattr(sys, "argv", ["likelihood_grid_floor.py", "--problems", "ring2d:vp", "--batch", "4",
+                                      "--pilot_tols", "1e-7", "--nfe", "24,96"])
+    likelihood_grid_floor.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if "pilot's grid" in line]
+    assert len(rows) == 1
+    coarse, fine = ([float(e) for e in cell.split(" / ")] for cell in rows[0].strip("| ").split(" | ")[2:])
+    assert all(f < c / 4 for f, c in zip(fine, coarse)), (coarse, fine)
+    knots = np.array([0.0, 0.1, 0.5, 1.0])
+    torch.testing.assert_close(likelihood_grid_floor.resample_grid(knots, 6),
+                               torch.tensor([0.0, 0.05, 0.1, 0.3, 0.5, 0.75, 1.0], dtype=torch.float64))
