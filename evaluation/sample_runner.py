@@ -71,7 +71,7 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     # processes gather the result: the samples do not depend on the number of processes.
     info = distributed.current_info()
     mine = distributed.my_share(len(sizes), info)
-    desc = f"sampling {len(mine)}x{batch_size} ({solver}, NFE budget {nfe} per batch)"
+    desc = f"sampling {batches_label([sizes[index] for index in mine])} ({solver}, NFE budget {nfe} per batch)"
     with torch.no_grad(), nfe_bar(nfe * len(mine), desc, progress and info.is_main) as bar:
         counted = ProgressScore(score_fn, bar)  # one tick per score evaluation, all batches on one bar
         for index in mine:
@@ -81,6 +81,17 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
             chunks[index] = x.float().cpu()
             nfes[index] = int(used)
     return torch.cat(distributed.gather_indexed(chunks, info)), distributed.gather_indexed(nfes, info)
+
+
+def batches_label(sizes: list[int]) -> str:
+    """The batches to sample as counts x sizes, e.g. "3x256" or "3x256+1x64" (the progress bar's label)."""
+    groups: list[list[int]] = []
+    for size in sizes:
+        if groups and groups[-1][1] == size:
+            groups[-1][0] += 1
+        else:
+            groups.append([1, size])
+    return "+".join(f"{count}x{size}" for count, size in groups) or "0 batches"
 
 
 def to_data_space(config, x: torch.Tensor) -> np.ndarray:

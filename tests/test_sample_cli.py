@@ -95,3 +95,11 @@ def test_sample_cli_errors_are_one_line(tmp_path, capsys, argv, match):
     code = main.main(["--mode", "sample", "--config", "vp_toy", "--workdir", str(tmp_path / "empty"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_progress_label_shows_the_batches_actually_sampled():
+    """64 samples at batch size 256 are one batch of 64, not "1x256"; a short last batch is shown apart."""
+    assert sample_runner.batches_label([64]) == "1x64"
+    assert sample_runner.batches_label([256, 256, 256]) == "3x256"
+    assert sample_runner.batches_label([256, 256, 100]) == "2x256+1x100"
+    assert sample_runner.batches_label([]) == "0 batches"
