@@ -148,6 +148,11 @@ def run_lines(run: dict | None) -> list[str]:
                      f"{lik['error_norm']} rtol {lik['rtol']:g}): {lik['bits_per_dim']:.4f} "
                      f"± {lik['bits_per_dim_stderr']:.4f}, NFE {lik['mean_nfe']:.1f} per pass, "
                      f"{lik['seconds']:.1f} s, {lik['images_per_s']:.2f} images/s")
+    partial = run.get("likelihood_partial")
+    if partial and not lik:
+        lines.append(f"- run bits/dim stopped after {partial['batches_done']} of {partial['batches']} batches "
+                     f"({partial['num_samples']} images): {partial['bits_per_dim']:.4f}, NFE "
+                     f"{partial['mean_nfe']:.1f} per pass, {partial['seconds']:.1f} s")
     sample = run.get("sample")
     if sample:
         lines.append(f"- run samples: {sample['num_samples']} with {sample['solver']} at NFE {sample['nfe_used']} "
@@ -234,6 +239,20 @@ def _latest(pattern: str) -> str | None:
     return max(files, key=os.path.getmtime) if files else None
 
 
+def _partial_likelihood(path: str) -> dict | None:
+    """What a likelihood evaluation stopped by its timeout saved (evaluation/batch_journal.py): the batches done
+    of all, their images, mean bits/dim and NFE per pass; None for an unreadable journal."""
+    saved = _load(os.path.dirname(path), os.path.basename(path))
+    try:
+        batches = list(saved["batches"].values())
+        values = [v for batch in batches for v in batch["bpd"]]
+        return {"batches_done": len(batches), "batches": len(saved["header"]["batches"]), "num_samples": len(values),
+                "bits_per_dim": sum(values) / len(values), "mean_nfe": sum(b["nfe"] for b in batches) / len(batches),
+                "seconds": sum(b["seconds"] for b in batches)}
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError):
+        return None
+
+
 def collect_run(workdir: str, out: str, extra: dict | None = None) -> dict:
     """OUT/run.json from the run folder (train_summary.json, the latest likelihood and samples records);
     the latest sample grid is copied to OUT/run_samples.png."""
@@ -248,6 +267,8 @@ def collect_run(workdir: str, out: str, extra: dict | None = None) -> dict:
     run["train"] = _load(workdir, "train_summary.json")
     lik = _latest(os.path.join(workdir, "likelihood", "likelihood_*.json"))
     run["likelihood"] = _load(os.path.dirname(lik), os.path.basename(lik)) if lik else None
+    journal = _latest(os.path.join(workdir, "likelihood", "likelihood_*.json.partial"))
+    run["likelihood_partial"] = _partial_likelihood(journal) if journal and not lik else None
     sample = _latest(os.path.join(workdir, "samples", "samples_*.json"))
     run["sample"] = _load(os.path.dirname(sample), os.path.basename(sample)) if sample else None
     run["grid"] = None

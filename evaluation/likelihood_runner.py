@@ -6,7 +6,9 @@ reported in nats/dim and bits/dim without dequantization; for the analytic mixtu
 -log p_eps of the same points is reported next to it. The report is printed and written atomically as JSON to
 `WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`, one file per setting: the hash appears when a setting
 that changes the result (config.likelihood, --num_batches, seed) differs from the config's defaults
-(evaluation/outputs.py); the settings are recorded in the report.
+(evaluation/outputs.py); the settings are recorded in the report. Each finished batch is saved next to it in
+`likelihood_{split}[_h<hash>].json.partial` (evaluation/batch_journal.py): the same command run again after a
+kill resumes from the batches done (single process; under torchrun every process starts over).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from atomic_io import write_json
 from errors import UserError
+from evaluation.batch_journal import JOURNAL_SUFFIX, BatchJournal
 from evaluation.outputs import default_config, result_stem
 from evaluation.progress import ProgressScore, nfe_bar
 from likelihood import (bits_per_dim, ddpm_bound_bpd, eps_fn_from_score, log_likelihood, mean_and_stderr,
@@ -85,8 +88,35 @@ def _batches(total: int, batch_size: int, num_batches: int) -> list[tuple[int, i
     return ranges if num_batches <= 0 else ranges[:num_batches]
 
 
+def _open_journal(journal: tuple[str, dict] | None, ranges, info, values_key: str) -> BatchJournal | None:
+    """The batch journal of (path, header) for these batch ranges (None without a path or under torchrun)."""
+    if journal is None or info.world_size > 1:
+        return None
+    path, header = journal
+
+    def check_entry(index: int, entry: dict) -> None:
+        if not 0 <= index < len(ranges):
+            raise ValueError(f"batch {index} is not one of the {len(ranges)} batches")
+        lo, hi = ranges[index]
+        values = entry.get(values_key)
+        if not isinstance(values, list) or len(values) != hi - lo:
+            raise ValueError(f"batch {index} does not hold {hi - lo} values under {values_key!r}")
+        numbers = values + [entry.get("nfe"), entry.get("seconds")]
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in numbers):
+            raise ValueError(f"batch {index} holds values that are not finite numbers")
+
+    opened = BatchJournal.open(path, {**header, "batches": [list(r) for r in ranges]}, check_entry)
+    if opened.done:
+        print(f"resuming from {path}: {len(opened.done)} of {len(ranges)} batches done")
+    return opened
+
+
+def _as_list(values: torch.Tensor) -> list[float]:
+    return [float(v) for v in values.double().cpu().reshape(-1)]
+
+
 def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: torch.device,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, journal: tuple[str, dict] | None = None) -> dict:
     """nats/dim and bits/dim of toy data (no dequantization), with mean NFE and samples/s."""
     from data.mixtures import TOY_MIXTURES, toy_mixture
 
@@ -95,27 +125,38 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     points = _toy_points(config, split, count)
     dim = points.shape[1]
     options = _likelihood_options(config)
-    nats, nfes, reference = {}, {}, {}
+    entries = {}
     mixture = toy_mixture(str(config.data.dataset)) if str(config.data.dataset) in TOY_MIXTURES else None
     start_time = time.perf_counter()
     ranges, info = _batches(count, batch_size, 0), distributed.current_info()
     mine = distributed.my_share(len(ranges), info)
+    saved = _open_journal(journal, ranges, info, "nats")
+    reused = {index: saved.done[index] for index in mine if saved is not None and index in saved.done}
     with nfe_bar(None, f"likelihood {split} ({len(mine)} batches)", progress and info.is_main) as bar:
         counted = ProgressScore(score_fn, bar)  # the bar counts every score evaluation
         for done, index in enumerate(mine, 1):
+            if index in reused:
+                entries[index] = reused[index]
+                continue
+            batch_start = time.perf_counter()
             lo, hi = ranges[index]
             generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
             x = points[lo:hi].to(device=device, dtype=torch.float32)
             logp, _, nfe = log_likelihood(sde, counted, x, generator=generator, **options)
-            nats[index] = nats_per_dim(logp.double(), dim).cpu()
-            nfes[index] = nfe
+            entry = {"nats": _as_list(nats_per_dim(logp.double(), dim)), "nfe": int(nfe)}
             if mixture is not None:
-                reference[index] = nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"], sde), dim)
-            bar.set_postfix(batch=f"{done}/{len(mine)}", nats_per_dim=f"{torch.cat(list(nats.values())).mean():.4f}",
-                            nfe_per_pass=nfe)
+                entry["reference"] = _as_list(nats_per_dim(mixture.marginal_log_prob(points[lo:hi], options["eps"],
+                                                                                    sde), dim))
+            entries[index] = {**entry, "seconds": time.perf_counter() - batch_start}
+            if saved is not None:
+                saved.record(index, entries[index])
+            so_far = torch.tensor([v for e in entries.values() for v in e["nats"]], dtype=torch.float64)
+            bar.set_postfix(batch=f"{done}/{len(mine)}", nats_per_dim=f"{so_far.mean():.4f}", nfe_per_pass=nfe)
     _synchronize(device)
-    nats, nfes, reference = (distributed.gather_indexed(v, info) for v in (nats, nfes, reference))
-    seconds = time.perf_counter() - start_time
+    entries = distributed.gather_indexed(entries, info)
+    nats = [torch.tensor(e["nats"], dtype=torch.float64) for e in entries]
+    nfes = [e["nfe"] for e in entries]
+    seconds = time.perf_counter() - start_time + sum(e["seconds"] for e in reused.values())
     mean, stderr = mean_and_stderr(torch.cat(nats))
     report = {"nats_per_dim": mean, "nats_per_dim_stderr": stderr,
               "bits_per_dim": nats_to_bits(mean), "bits_per_dim_stderr": nats_to_bits(stderr),
@@ -123,13 +164,13 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
               "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(nfes)), "samples_per_s": count / seconds,
               "seconds": seconds}
     if mixture is not None:
-        ref_mean, ref_err = mean_and_stderr(torch.cat(reference))
+        ref_mean, ref_err = mean_and_stderr(torch.cat([torch.tensor(e["reference"]) for e in entries]))
         report.update(exact_nats_per_dim=ref_mean, exact_nats_per_dim_stderr=ref_err)
     return report
 
 
 def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device: torch.device,
-                    progress: bool = True, bound_score_fn=None) -> dict:
+                    progress: bool = True, bound_score_fn=None, journal: tuple[str, dict] | None = None) -> dict:
     """Bits/dim of dequantized 8-bit images (mean and standard error over images), mean NFE, images/s.
 
     `bound_score_fn` (default `score_fn`) is the discrete-time score the DDPM bound uses (likelihood.ddpm_bound).
@@ -143,44 +184,56 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     ranges = _batches(images.shape[0], batch_size, num_batches)
     options = _likelihood_options(config)
     scale = data_scale(config)
-    bpds, nfes, bounds = {}, {}, {}
+    entries = {}
     with_bound = bool(config.likelihood.get("ddpm_bound", False))
     if with_bound:
         eps_fn = _ddpm_eps_fn(config, sde, score_fn if bound_score_fn is None else bound_score_fn)
     start_time = time.perf_counter()
     info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
     mine = distributed.my_share(len(ranges), info)
+    saved = _open_journal(journal, ranges, info, "bpd")
+    reused = {index: saved.done[index] for index in mine if saved is not None and index in saved.done}
     num_dequant = int(config.likelihood.num_dequant)
-    totals = {}
     with nfe_bar(None, f"bits/dim {split} ({len(mine)} batches x {num_dequant} passes)",
                  progress and info.is_main) as bar:
         counted = ProgressScore(score_fn, bar)  # the bar counts every score evaluation (all passes)
         for done, index in enumerate(mine, 1):
+            if index in reused:
+                entries[index] = reused[index]
+                continue
+            batch_start = time.perf_counter()
             lo, hi = ranges[index]
             generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(int(config.seed), index))
             batch = images[lo:hi].to(device)
             bpd, nfe = bits_per_dim(sde, counted, batch, data_scale=scale, num_dequant=num_dequant,
                                     generator=generator, **options)
-            bpds[index] = bpd.cpu()
-            nfes[index], totals[index] = nfe / num_dequant, nfe  # per pass (one ODE solve), and in total
+            # NFE per pass (one ODE solve) and in total
+            entry = {"bpd": _as_list(bpd), "nfe": nfe / num_dequant, "total_nfe": int(nfe)}
             if with_bound:
                 num_terms = int(config.likelihood.ddpm_num_terms) or None
-                bounds[index] = ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
-                                               variance=str(config.likelihood.ddpm_variance), num_terms=num_terms).cpu()
-            bar.set_postfix(batch=f"{done}/{len(mine)}", bpd=f"{torch.cat(list(bpds.values())).mean():.4f}",
+                entry["bound"] = _as_list(ddpm_bound_bpd(sde, eps_fn, batch, data_scale=scale, generator=generator,
+                                                         variance=str(config.likelihood.ddpm_variance),
+                                                         num_terms=num_terms))
+            entries[index] = {**entry, "seconds": time.perf_counter() - batch_start}
+            if saved is not None:
+                saved.record(index, entries[index])
+            so_far = torch.tensor([v for e in entries.values() for v in e["bpd"]], dtype=torch.float64)
+            bar.set_postfix(batch=f"{done}/{len(mine)}", bpd=f"{so_far.mean():.4f}",
                             nfe_per_pass=f"{nfe / num_dequant:.0f}")
     _synchronize(device)
-    bpds, nfes, bounds, totals = (distributed.gather_indexed(v, info) for v in (bpds, nfes, bounds, totals))
-    seconds = time.perf_counter() - start_time
+    entries = distributed.gather_indexed(entries, info)
+    seconds = time.perf_counter() - start_time + sum(e["seconds"] for e in reused.values())
     count = sum(hi - lo for lo, hi in ranges)
-    mean, stderr = mean_and_stderr(torch.cat(bpds))
+    mean, stderr = mean_and_stderr(torch.tensor([v for e in entries for v in e["bpd"]], dtype=torch.float64))
+    nfes, totals = [e["nfe"] for e in entries], [e.get("total_nfe", e["nfe"]) for e in entries]
     report = {"bits_per_dim": mean, "bits_per_dim_stderr": stderr, "num_samples": count,
               "dim": int(images[0].numel()), "dequantized": True, "num_dequant": int(config.likelihood.num_dequant),
               "data_scale": list(scale), "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(totals)),
               "images_per_s": count / seconds,
               "seconds": seconds}
     if with_bound:
-        report["ddpm_bound_bits_per_dim"], report["ddpm_bound_stderr"] = mean_and_stderr(torch.cat(bounds))
+        report["ddpm_bound_bits_per_dim"], report["ddpm_bound_stderr"] = mean_and_stderr(
+            [v for e in entries for v in e["bound"]])
     return report
 
 
@@ -197,9 +250,10 @@ def _synchronize(device: torch.device) -> None:
 
 
 def evaluate(config, sde, score_fn, split: str, num_batches: int, device: torch.device, progress: bool = True,
-             bound_score_fn=None) -> dict:
+             bound_score_fn=None, journal: tuple[str, dict] | None = None) -> dict:
     """The likelihood report of `score_fn` on a split of config.data (toy or image); `bound_score_fn`: see
-    `evaluate_images`."""
+    `evaluate_images`; `journal` = (path, header): save every batch there and reuse the batches an earlier run
+    with the same header saved (evaluation/batch_journal.py)."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if num_batches < 0:
@@ -207,9 +261,10 @@ def evaluate(config, sde, score_fn, split: str, num_batches: int, device: torch.
     if int(config.likelihood.batch_size) < 1:
         raise UserError(f"likelihood.batch_size must be >= 1, got {config.likelihood.batch_size}")
     if str(config.data.kind) == "image":
-        report = evaluate_images(config, sde, score_fn, split, num_batches, device, progress, bound_score_fn)
+        report = evaluate_images(config, sde, score_fn, split, num_batches, device, progress, bound_score_fn,
+                                 journal=journal)
     else:
-        report = evaluate_toy(config, sde, score_fn, split, num_batches, device, progress)
+        report = evaluate_toy(config, sde, score_fn, split, num_batches, device, progress, journal=journal)
     report.update(split=split, dataset=str(config.data.dataset), sde=str(config.sde.name),
                   device=str(device), **_likelihood_options(config))
     return report
@@ -264,11 +319,11 @@ def run(config, workdir: str, args) -> int:
     check_settings(config, args, "likelihood", get_sde)  # also when called without main.py
     check_likelihood_choices(config)
     path, settings = results_path(config, workdir, split, args)
-    check_output_files([path])  # before the work, not after
+    check_output_files([path, path + JOURNAL_SUFFIX])  # before the work, not after
     group = distributed.setup(get_device(config))  # `torchrun --nproc_per_node=K`: the batches are shared
     try:
         device = distributed.local_device(get_device(config), group)
-        report, step = _evaluate_run(config, workdir, split, args, device)
+        report, step = _evaluate_run(config, workdir, split, args, device, (path + JOURNAL_SUFFIX, settings))
     finally:
         distributed.cleanup(group)
     if not group.is_main:
@@ -277,12 +332,15 @@ def run(config, workdir: str, args) -> int:
     report["settings"] = settings
     print(format_report(report))
     write_json(path, report, sort_keys=True)
+    BatchJournal(path + JOURNAL_SUFFIX, {}).finish()  # the report holds every batch now
     print(f"wrote {path}")
     return 0
 
 
-def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) -> tuple[dict, int]:
-    """The likelihood report of the run's EMA weights on `split`, and the checkpoint step."""
+def _evaluate_run(config, workdir: str, split: str, args, device: torch.device,
+                  journal: tuple[str, dict]) -> tuple[dict, int]:
+    """The likelihood report of the run's EMA weights on `split`, and the checkpoint step; batches are saved to
+    and resumed from the journal (path, settings) for this checkpoint step."""
     from evaluation.run import load_run
     from training.device import strict_float32
 
@@ -291,6 +349,9 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device) 
     score_fn, bound_score_fn = likelihood_score_fns(config, sde, run.model)
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
-        report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn)
+        path, settings = journal
+        report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn,
+                          journal=(path, {"settings": settings, "split": split,
+                                           "step": None if step is None else int(step)}))
     report["score"] = "continuous" if likelihood_continuous(config) else "discrete"
     return report, step

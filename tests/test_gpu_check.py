@@ -222,7 +222,8 @@ exit 0
     assert f"--config.training.snapshot_every={10 * target // 3} " in train_run
     assert "--device cuda" in train_run and "--config.data.path=.data/cifar10 " in train_run
     (bpd,) = [c for c in calls if "--mode likelihood" in c]
-    assert "--split test --num_batches 1" in bpd and "--config.likelihood.batch_size=500" in bpd
+    # 500 test images in 5 saved batches: a timeout still leaves the batches done (run.json likelihood_partial)
+    assert "--split test" in bpd and "--num_batches 5" in bpd and "--config.likelihood.batch_size=100" in bpd
     assert "--config.likelihood.num_dequant=1" in bpd
     (sample,) = [c for c in calls if "--mode sample" in c]
     assert "--num_samples 64" in sample
@@ -299,3 +300,28 @@ def test_report_helpers_run_iters_and_append_training(tmp_path):
     assert created["training"] == [{"compile": True}] and "appended" not in created
     with pytest.raises(SystemExit, match="no throughput report"):
         report.append_training(str(tmp_path / "train.json"), str(tmp_path / "none.json"))
+
+
+def test_collect_run_reports_the_batches_a_stopped_likelihood_saved(tmp_path):
+    """A run_bpd killed by its timeout leaves likelihood_*.json.partial: run.json and the summary report the
+    batches done; once the final report exists, only it is reported."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_report", os.path.join(ROOT, "benchmarks",
+                                                                                   "gpu_check_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    workdir, out = tmp_path / "run", tmp_path / "out"
+    (workdir / "likelihood").mkdir(parents=True)
+    out.mkdir()
+    journal = {"header": {"batches": [[0, 2], [2, 4], [4, 6]]},
+               "batches": {"0": {"bpd": [3.0, 4.0], "nfe": 100.0, "seconds": 2.0},
+                           "1": {"bpd": [5.0, 6.0], "nfe": 140.0, "seconds": 3.0}}}
+    (workdir / "likelihood" / "likelihood_test_h1.json.partial").write_text(json.dumps(journal))
+    run = report.collect_run(str(workdir), str(out))
+    assert run["likelihood"] is None
+    assert run["likelihood_partial"] == {"batches_done": 2, "batches": 3, "num_samples": 4, "bits_per_dim": 4.5,
+                                         "mean_nfe": 120.0, "seconds": 5.0}
+    assert any("stopped after 2 of 3 batches (4 images): 4.5000" in line for line in report.run_lines(run))
+    (workdir / "likelihood" / "likelihood_test_h1.json.partial").write_text("{damaged")
+    assert report.collect_run(str(workdir), str(out))["likelihood_partial"] is None

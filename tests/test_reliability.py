@@ -387,3 +387,95 @@ def test_atomic_writes_get_the_umask_and_leave_nothing_behind_on_failure(tmp_pat
     (tmp_path / "folder.json").mkdir()
     with pytest.raises(UserError, match="it is a folder"):
         atomic_io.write_json(tmp_path / "folder.json", {})
+
+
+class _Killed(Exception):
+    """Stands for a kill between two batches of a likelihood evaluation."""
+
+
+def _likelihood_report(workdir) -> dict:
+    (path,) = glob.glob(os.path.join(workdir, "likelihood", "likelihood_test_h*.json"))
+    return json.loads(open(path).read())
+
+
+def test_a_killed_likelihood_evaluation_resumes_from_its_saved_batches(tmp_path, monkeypatch, capsys):
+    """Every finished batch is saved (likelihood_*.json.partial); the same command after a kill computes only the
+    missing batches and reports exactly what an uninterrupted run reports; the journal is removed at the end."""
+    from evaluation import batch_journal, likelihood_runner
+
+    argv = [*LIKELIHOOD, "--num_batches", "3"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    for workdir in (whole, killed):
+        _write_checkpoint(workdir, seed=1)
+    assert main.main([*argv, "--workdir", whole]) == 0
+    reference = _likelihood_report(whole)
+    assert not glob.glob(os.path.join(whole, "likelihood", "*.partial"))
+
+    record = batch_journal.BatchJournal.record
+
+    def record_then_die(self, index, entry):
+        record(self, index, entry)
+        if len(self.done) == 2:
+            raise _Killed
+
+    monkeypatch.setattr(batch_journal.BatchJournal, "record", record_then_die)
+    with pytest.raises(_Killed):
+        main.main([*argv, "--workdir", killed])
+    (journal,) = glob.glob(os.path.join(killed, "likelihood", "likelihood_test_h*.json.partial"))
+    assert sorted(json.loads(open(journal).read())["batches"]) == ["0", "1"]
+    assert not glob.glob(os.path.join(killed, "likelihood", "*.json"))
+    monkeypatch.setattr(batch_journal.BatchJournal, "record", record)
+
+    computed = []
+    log_likelihood = likelihood_runner.log_likelihood
+    monkeypatch.setattr(likelihood_runner, "log_likelihood",
+                        lambda *a, **k: computed.append(1) or log_likelihood(*a, **k))
+    capsys.readouterr()
+    assert main.main([*argv, "--workdir", killed]) == 0
+    assert "2 of 3 batches done" in capsys.readouterr().out and len(computed) == 1
+    resumed = _likelihood_report(killed)
+    for key in ("bits_per_dim", "bits_per_dim_stderr", "nats_per_dim", "num_samples", "mean_nfe", "total_nfe"):
+        assert resumed[key] == reference[key], key
+    assert not os.path.exists(journal)
+
+
+def test_a_likelihood_journal_of_another_checkpoint_is_replaced_and_a_damaged_one_refused(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Batches saved for another checkpoint step are not reused (a note says so); an unreadable journal or one
+    whose batches do not fit is refused in one line before any work."""
+    from evaluation import batch_journal
+
+    argv = [*LIKELIHOOD, "--num_batches", "2"]
+    workdir, fresh = str(tmp_path / "run"), str(tmp_path / "fresh")
+    _write_checkpoint(workdir, seed=1)
+    record = batch_journal.BatchJournal.record
+
+    def record_then_die(self, index, entry):
+        record(self, index, entry)
+        raise _Killed
+
+    monkeypatch.setattr(batch_journal.BatchJournal, "record", record_then_die)
+    with pytest.raises(_Killed):
+        main.main([*argv, "--workdir", workdir])
+    monkeypatch.setattr(batch_journal.BatchJournal, "record", record)
+    (journal,) = glob.glob(os.path.join(workdir, "likelihood", "*.partial"))
+    saved = open(journal).read()
+
+    _write_checkpoint(workdir, seed=2)  # trained further: step 2, other weights
+    _write_checkpoint(fresh, seed=2)
+    capsys.readouterr()
+    assert main.main([*argv, "--workdir", workdir]) == 0
+    assert "step 1, now 2" in capsys.readouterr().out
+    assert main.main([*argv, "--workdir", fresh]) == 0
+    assert _likelihood_report(workdir)["bits_per_dim"] == _likelihood_report(fresh)["bits_per_dim"]
+
+    entry = json.loads(saved)
+    entry["header"]["step"] = 2
+    entry["batches"]["0"]["bpd" if "bpd" in entry["batches"]["0"] else "nats"] = [0.0]  # 4 points expected
+    for text, reason in [("{not json", "Expecting property name"), (json.dumps(entry), "does not hold 4 values")]:
+        open(journal, "w").write(text)
+        capsys.readouterr()
+        assert main.main([*argv, "--workdir", workdir]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "cannot resume from" in err and reason in err, err
+        assert "delete the file to start over" in err
