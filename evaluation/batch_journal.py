@@ -1,19 +1,24 @@
 """Per-batch results of a long evaluation, saved after every batch so that a killed run resumes where it stopped.
 
-Bits/dim of a whole test set is hours of GPU time (every batch is hundreds of network forward + VJP passes).
+Bits/dim of a whole test set, or the 50,000 samples of an FID, is hours of GPU time.
 `BatchJournal.open(path, header)` returns the batches an earlier run of the same command saved in `path` (JSON,
 written atomically after each batch): they are reused when the journal's header (the settings, the checkpoint
 step, the batch ranges) equals `header`; a journal of another checkpoint step or other batches is reported and
 replaced batch by batch; an unreadable one is refused in one line (delete it to start over). Each batch is
 seeded on its own (training.distributed.batch_seed), so a resumed evaluation gives the same numbers as an
 uninterrupted one. `finish()` removes the journal once the final report is written.
+`ArrayJournal` does the same for batches of arrays (samples): one npz per batch in a folder, listed in its
+`journal.json` after the batch's file is complete.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
-from atomic_io import write_json
+import numpy as np
+
+from atomic_io import TEMP_PREFIX, save_npz, write_json
 from errors import UserError
 
 JOURNAL_SUFFIX = ".partial"  # next to the report: likelihood_test.json.partial (not matched by *.json)
@@ -66,3 +71,59 @@ class BatchJournal:
         """Remove the journal (the final report holds everything)."""
         if os.path.exists(self.path):
             os.remove(self.path)
+
+
+class ArrayJournal:
+    """Done batches of arrays in `folder`: `batch_<index>.npz` each, listed in `journal.json` with the header."""
+
+    INDEX_FILE = "journal.json"
+    _BATCH = re.compile(r"^batch_(\d+)\.npz$")
+
+    def __init__(self, folder: str, header: dict, done: list[int] | None = None):
+        self.folder, self.header, self.done = folder, header, sorted(set(done or []))
+
+    @classmethod
+    def open(cls, folder: str, header: dict) -> "ArrayJournal":
+        """The batches listed in `folder` for `header`, else an empty journal (a note says why)."""
+        path = os.path.join(folder, cls.INDEX_FILE)
+        if not os.path.exists(path):
+            return cls(folder, header)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            done = [int(i) for i in saved["done"]]
+            if saved["header"] != json.loads(json.dumps(header)):
+                print(f"note: {folder} holds batches of other settings or another checkpoint (step "
+                      f"{saved['header'].get('step')}, now {header.get('step')}); starting over")
+                return cls(folder, header)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "
+                            "delete the folder to start over") from None
+        return cls(folder, header, done)
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        """The arrays of done batch `index` (plain numeric arrays only; nothing is unpickled)."""
+        path = os.path.join(self.folder, f"batch_{int(index)}.npz")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (OSError, ValueError, EOFError) as error:
+            raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "
+                            f"delete {self.folder} to start over") from None
+
+    def record(self, index: int, **arrays: np.ndarray) -> None:
+        """Save batch `index` (its file first, then the list), both atomically."""
+        save_npz(os.path.join(self.folder, f"batch_{int(index)}.npz"), compressed=False, **arrays)
+        self.done = sorted(set(self.done) | {int(index)})
+        write_json(os.path.join(self.folder, self.INDEX_FILE), {"header": self.header, "done": self.done},
+                   indent=None)
+
+    def finish(self) -> None:
+        """Remove the journal's files (batches, list, leftover temp files) and the folder when it is empty."""
+        if not os.path.isdir(self.folder):
+            return
+        for name in os.listdir(self.folder):
+            if name == self.INDEX_FILE or self._BATCH.match(name) or name.startswith(TEMP_PREFIX):
+                os.remove(os.path.join(self.folder, name))
+        if not os.listdir(self.folder):
+            os.rmdir(self.folder)

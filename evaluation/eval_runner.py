@@ -17,7 +17,7 @@ import torch
 from atomic_io import write_json
 from errors import UserError
 from evaluation.metrics import mean_log_density_gap, mode_weight_tv, sliced_wasserstein
-from evaluation.sample_runner import output_stem, sample_from_run
+from evaluation.sample_runner import JOURNAL_SUFFIX, finish_journal, output_stem, sample_from_run
 from validation import check_output_files, check_settings
 
 
@@ -81,7 +81,8 @@ def run(config, workdir: str, args) -> int:
     check_output_files([path])  # before the work, not after
     image = config.data.get("kind", "toy") == "image"
     quality = _image_quality(config, workdir, args) if image else None  # weights checked before sampling
-    samples, facts = sample_from_run(config, workdir, args)
+    # the batches are saved in eval/<stem>.partial/ until the report is written: a killed run resumes
+    samples, facts = sample_from_run(config, workdir, args, journal_folder=stem + JOURNAL_SUFFIX)
     report = {key: facts[key] for key in ("solver", "nfe_requested", "nfe_used", "num_samples", "seed",
                                           "checkpoint_step", "dataset", "seconds")}
     if image:
@@ -90,6 +91,7 @@ def run(config, workdir: str, args) -> int:
     else:
         report.update(toy_report(config, samples, facts["seed"]))
     write_json(path, {**report, "settings": settings})
+    finish_journal(stem + JOURNAL_SUFFIX)
     for key, value in report.items():
         if key != "inception":
             print(f"{key}: {value}")

@@ -4,7 +4,9 @@ Writes `samples/samples_{solver}_nfe{K}_seed{S}[_class...][_h<hash>].npz` (key `
 vectors for toys, uint8 NCHW images for image data), a JSON with the run's facts and settings beside it and a PNG
 (scatter plot for 2-D data, image grid for images). The hash appears when other settings that change the samples
 (num_samples, batch_size, eps, sampler options) differ from the config's defaults (evaluation/outputs.py).
-Every file is written atomically (atomic_io).
+Every file is written atomically (atomic_io). Each finished batch is saved in `samples/<stem>.partial/`
+(evaluation/batch_journal.py): the same command run again after a kill samples only the missing batches (each
+batch is seeded on its own, so the samples equal an uninterrupted run's); the folder is removed at the end.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from atomic_io import save_npz, write_json
 from errors import UserError
+from evaluation.batch_journal import ArrayJournal
 from evaluation.outputs import default_config, result_stem
 from training import distributed
 from validation import check_output_files, check_settings
@@ -48,8 +51,12 @@ def sampler_options(config, solver: str) -> dict:
 
 
 def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, seed: int,
-             device: torch.device, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
-    """num_samples samples (model space, on CPU) in batches of config.sampling.batch_size; and NFE per batch."""
+             device: torch.device, progress: bool = True,
+             journal: tuple[str, dict] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """num_samples samples (model space, on CPU) in batches of config.sampling.batch_size; and NFE per batch.
+
+    `journal` = (folder, header): every finished batch is saved there and the batches an earlier run with the same
+    header saved are reused (evaluation/batch_journal.py; single process only)."""
     from evaluation.progress import ProgressScore, nfe_bar
     from solvers import available_solvers, sample
 
@@ -71,16 +78,38 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     # processes gather the result: the samples do not depend on the number of processes.
     info = distributed.current_info()
     mine = distributed.my_share(len(sizes), info)
+    saved = None
+    if journal is not None and info.world_size == 1:
+        saved = ArrayJournal.open(journal[0], {**journal[1], "sizes": sizes, "shape": list(shape)})
+        if saved.done:
+            print(f"resuming from {saved.folder}: {len(saved.done)} of {len(sizes)} batches done")
     desc = f"sampling {batches_label([sizes[index] for index in mine])} ({solver}, NFE budget {nfe} per batch)"
     with torch.no_grad(), nfe_bar(nfe * len(mine), desc, progress and info.is_main) as bar:
         counted = ProgressScore(score_fn, bar)  # one tick per score evaluation, all batches on one bar
         for index in mine:
+            if saved is not None and index in saved.done:
+                chunks[index], nfes[index] = _saved_batch(saved, index, (sizes[index],) + shape)
+                bar.update(nfe)
+                continue
             generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(seed, index))
             x, used = sample(sde, counted, (sizes[index],) + shape, solver=solver, nfe=nfe,
                              eps=float(config.sampling.eps), generator=generator, **options)
             chunks[index] = x.float().cpu()
             nfes[index] = int(used)
+            if saved is not None:
+                saved.record(index, samples=chunks[index].numpy(), nfe=np.array(nfes[index]))
     return torch.cat(distributed.gather_indexed(chunks, info)), distributed.gather_indexed(nfes, info)
+
+
+def _saved_batch(saved: ArrayJournal, index: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    """Batch `index` from the journal: float32 samples of `shape` and its NFE, or a one-line refusal."""
+    arrays = saved.load(index)
+    samples, used = arrays.get("samples"), arrays.get("nfe")
+    if (samples is None or samples.dtype != np.float32 or tuple(samples.shape) != tuple(shape) or used is None
+            or used.shape != () or not np.issubdtype(used.dtype, np.integer)):
+        raise UserError(f"cannot resume from {saved.folder}: batch {index} does not hold float32 samples of shape "
+                        f"{tuple(shape)} and its NFE; delete the folder to start over")
+    return torch.from_numpy(samples.copy()), int(used)
 
 
 def batches_label(sizes: list[int]) -> str:
@@ -140,10 +169,15 @@ def figure_title(info: dict) -> str:
     return title
 
 
-def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
+JOURNAL_SUFFIX = ".partial"  # samples/<stem>.partial/: the batches done so far
+
+
+def sample_from_run(config, workdir: str, args, journal_folder: str | None = None) -> tuple[np.ndarray, dict]:
     """Samples in data space from the latest checkpoint, with args.solver/nfe/num_samples or config.sampling's.
 
     Returns (samples, facts) where facts holds solver, NFE requested/used, seed, step, device and timing.
+    With `journal_folder` every finished batch is saved there and an earlier run's batches of the same
+    checkpoint and settings are reused (remove it with `finish_journal` once the results are written).
     """
     from training.device import get_device
 
@@ -158,8 +192,13 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
         from evaluation.controllable import guided_score_fn
 
         sde, score_fn, step, guidance = guided_score_fn(config, workdir, device, args)
+    journal = None
+    if journal_folder is not None:
+        header = {"solver": solver, "nfe": int(nfe), "seed": seed, "step": None if step is None else int(step),
+                  "settings": sampling_settings(config, solver, num_samples), "guidance": guidance}
+        journal = (journal_folder, header)
     start = time.time()
-    x, nfes = generate(config, sde, score_fn, solver, nfe, num_samples, seed, device)
+    x, nfes = generate(config, sde, score_fn, solver, nfe, num_samples, seed, device, journal=journal)
     elapsed = time.time() - start
     facts = {
         "solver": solver, "nfe_requested": nfe, "nfe_used": max(nfes), "nfe_used_per_batch": nfes,
@@ -171,6 +210,11 @@ def sample_from_run(config, workdir: str, args) -> tuple[np.ndarray, dict]:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **guidance,
     }
     return to_data_space(config, x), facts
+
+
+def finish_journal(folder: str) -> None:
+    """Remove the batches saved by `sample_from_run` (the results hold them now)."""
+    ArrayJournal(folder, {}).finish()
 
 
 def sampling_settings(config, solver: str, num_samples: int) -> dict:
@@ -223,7 +267,7 @@ def run(config, workdir: str, args) -> int:
     if group.world_size > 1 and get_device(config).type == "cuda":
         config.device = str(distributed.local_device(get_device(config), group))  # cuda:LOCAL_RANK
     try:
-        samples, info = sample_from_run(config, workdir, args)
+        samples, info = sample_from_run(config, workdir, args, journal_folder=stem + JOURNAL_SUFFIX)
     finally:
         distributed.cleanup(group)
     if not group.is_main:
@@ -241,6 +285,7 @@ def run(config, workdir: str, args) -> int:
         save_nhwc_npz(stem + "_nhwc.npz", samples)
         save_png_folder(stem + "_png", samples)
         figure = (figure + ", " if figure else "") + f"{stem}_nhwc.npz (arr_0), {stem}_png/"
+    finish_journal(stem + JOURNAL_SUFFIX)
     print(f"{info['num_samples']} samples with {info['solver']} (NFE {info['nfe_used']} used of a budget of "
           f"{info['nfe_requested']} per batch) in {info['seconds']:.1f} s ({info['samples_per_second']:.2f} samples/s)"
           f" -> {stem}.npz" + (f", {figure}" if figure else ""))

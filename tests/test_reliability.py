@@ -390,7 +390,22 @@ def test_atomic_writes_get_the_umask_and_leave_nothing_behind_on_failure(tmp_pat
 
 
 class _Killed(Exception):
-    """Stands for a kill between two batches of a likelihood evaluation."""
+    """Stands for a kill between two batches of a likelihood evaluation or a sampling run."""
+
+
+def _run_killed_after(monkeypatch, journal_class, batches: int, argv) -> None:
+    """Run main with argv, "killed" right after the journal saved its `batches`-th batch."""
+    record = journal_class.record
+
+    def record_then_die(self, index, *args, **kwargs):
+        record(self, index, *args, **kwargs)
+        if len(self.done) == batches:
+            raise _Killed
+
+    monkeypatch.setattr(journal_class, "record", record_then_die)
+    with pytest.raises(_Killed):
+        main.main(argv)
+    monkeypatch.setattr(journal_class, "record", record)
 
 
 def _likelihood_report(workdir) -> dict:
@@ -411,20 +426,10 @@ def test_a_killed_likelihood_evaluation_resumes_from_its_saved_batches(tmp_path,
     reference = _likelihood_report(whole)
     assert not glob.glob(os.path.join(whole, "likelihood", "*.partial"))
 
-    record = batch_journal.BatchJournal.record
-
-    def record_then_die(self, index, entry):
-        record(self, index, entry)
-        if len(self.done) == 2:
-            raise _Killed
-
-    monkeypatch.setattr(batch_journal.BatchJournal, "record", record_then_die)
-    with pytest.raises(_Killed):
-        main.main([*argv, "--workdir", killed])
+    _run_killed_after(monkeypatch, batch_journal.BatchJournal, 2, [*argv, "--workdir", killed])
     (journal,) = glob.glob(os.path.join(killed, "likelihood", "likelihood_test_h*.json.partial"))
     assert sorted(json.loads(open(journal).read())["batches"]) == ["0", "1"]
     assert not glob.glob(os.path.join(killed, "likelihood", "*.json"))
-    monkeypatch.setattr(batch_journal.BatchJournal, "record", record)
 
     computed = []
     log_likelihood = likelihood_runner.log_likelihood
@@ -448,16 +453,7 @@ def test_a_likelihood_journal_of_another_checkpoint_is_replaced_and_a_damaged_on
     argv = [*LIKELIHOOD, "--num_batches", "2"]
     workdir, fresh = str(tmp_path / "run"), str(tmp_path / "fresh")
     _write_checkpoint(workdir, seed=1)
-    record = batch_journal.BatchJournal.record
-
-    def record_then_die(self, index, entry):
-        record(self, index, entry)
-        raise _Killed
-
-    monkeypatch.setattr(batch_journal.BatchJournal, "record", record_then_die)
-    with pytest.raises(_Killed):
-        main.main([*argv, "--workdir", workdir])
-    monkeypatch.setattr(batch_journal.BatchJournal, "record", record)
+    _run_killed_after(monkeypatch, batch_journal.BatchJournal, 1, [*argv, "--workdir", workdir])
     (journal,) = glob.glob(os.path.join(workdir, "likelihood", "*.partial"))
     saved = open(journal).read()
 
@@ -479,3 +475,42 @@ def test_a_likelihood_journal_of_another_checkpoint_is_replaced_and_a_damaged_on
         err = capsys.readouterr().err
         assert "Traceback" not in err and "cannot resume from" in err and reason in err, err
         assert "delete the file to start over" in err
+
+
+def test_a_killed_sampling_run_resumes_from_its_saved_batches(tmp_path, monkeypatch, capsys):
+    """`--mode sample` saves every finished batch in samples/<stem>.partial/; after a kill the same command draws
+    only the missing batches, writes exactly the samples of an uninterrupted run and removes the folder. A batch
+    file that does not fit is refused in one line."""
+    import solvers
+    from evaluation import batch_journal
+
+    argv = [*SAMPLE, "--num_samples", "12", "--config.sampling.batch_size=4"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    for workdir in (whole, killed):
+        _write_checkpoint(workdir, seed=1)
+    assert main.main([*argv, "--workdir", whole]) == 0
+    (reference,) = glob.glob(os.path.join(whole, "samples", "*.npz"))
+    assert not glob.glob(os.path.join(whole, "samples", "*.partial"))
+
+    _run_killed_after(monkeypatch, batch_journal.ArrayJournal, 2, [*argv, "--workdir", killed])
+    (folder,) = glob.glob(os.path.join(killed, "samples", "*.partial"))
+    assert sorted(os.listdir(folder)) == ["batch_0.npz", "batch_1.npz", "journal.json"]
+    assert not glob.glob(os.path.join(killed, "samples", "*.npz"))
+
+    calls = []
+    real_sample = solvers.sample
+    monkeypatch.setattr(solvers, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+    capsys.readouterr()
+    assert main.main([*argv, "--workdir", killed]) == 0
+    assert "2 of 3 batches done" in capsys.readouterr().out and len(calls) == 1
+    (resumed,) = glob.glob(os.path.join(killed, "samples", "*.npz"))
+    np.testing.assert_array_equal(np.load(resumed)["samples"], np.load(reference)["samples"])
+    assert not os.path.exists(folder)
+
+    # a damaged batch file: one line, the folder left for the user to delete
+    _run_killed_after(monkeypatch, batch_journal.ArrayJournal, 2, [*argv, "--workdir", killed])
+    np.savez(os.path.join(folder, "batch_1.npz"), samples=np.zeros((3, 2), np.float32), nfe=np.array(4))
+    capsys.readouterr()
+    assert main.main([*argv, "--workdir", killed]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot resume from" in err and "does not hold float32 samples" in err, err
