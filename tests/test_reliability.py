@@ -118,6 +118,10 @@ elif point == "compute":  # in the middle of the work, before any output is writ
     import evaluation.sample_runner as s, evaluation.likelihood_runner as l
     s.generate = hook(s.generate)
     l.evaluate = hook(l.evaluate)
+elif point == "batch":  # at the start of the nth batch (its sampler or ODE solve), earlier batches saved
+    import solvers, evaluation.likelihood_runner as l
+    solvers.sample = hook(solvers.sample)
+    l.log_likelihood = hook(l.log_likelihood)
 import main
 sys.exit(main.main(sys.argv[1:]))
 """
@@ -514,3 +518,30 @@ def test_a_killed_sampling_run_resumes_from_its_saved_batches(tmp_path, monkeypa
     assert main.main([*argv, "--workdir", killed]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "cannot resume from" in err and "does not hold float32 samples" in err, err
+
+
+def test_sigkill_in_the_third_batch_then_resume_gives_the_uninterrupted_results(tmp_path):
+    """A real SIGKILL while the third batch is computed (sampling and likelihood, 4 batches each): the two saved
+    batches are reused and the results equal an uninterrupted run's."""
+    base = str(tmp_path / "base")
+    _write_checkpoint(base, seed=1)
+    sample_argv = [*SAMPLE, "--num_samples", "16", "--config.sampling.batch_size=4"]
+    likelihood_argv = [*LIKELIHOOD, "--num_batches", "4"]
+    results = _kill_runs(base, tmp_path, [("sample", sample_argv, "batch:3"), ("likelihood", likelihood_argv,
+                                                                               "batch:3")])
+    whole = str(tmp_path / "whole")
+    shutil.copytree(base, whole)
+    assert main.main([*sample_argv, "--workdir", whole]) == 0 and main.main([*likelihood_argv, "--workdir", whole]) == 0
+    for name, (workdir, rc) in results.items():
+        assert rc == -9, f"{name}: not killed (exit {rc})"
+        sub = "samples" if name == "sample" else "likelihood"
+        (journal,) = glob.glob(os.path.join(workdir, sub, "*.partial"))
+        done = (sorted(n for n in os.listdir(journal) if n.startswith("batch_")) if name == "sample"
+                else sorted(json.loads(open(journal).read())["batches"]))
+        assert done == (["batch_0.npz", "batch_1.npz"] if name == "sample" else ["0", "1"]), done
+        assert main.main([*(sample_argv if name == "sample" else likelihood_argv), "--workdir", workdir]) == 0
+        assert not os.path.exists(journal)
+    (resumed,) = glob.glob(os.path.join(results["sample"][0], "samples", "*.npz"))
+    (reference,) = glob.glob(os.path.join(whole, "samples", "*.npz"))
+    np.testing.assert_array_equal(np.load(resumed)["samples"], np.load(reference)["samples"])
+    assert _likelihood_report(results["likelihood"][0])["bits_per_dim"] == _likelihood_report(whole)["bits_per_dim"]
