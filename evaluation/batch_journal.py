@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 
 import numpy as np
 
 from atomic_io import TEMP_PREFIX, save_npz, write_json
 from errors import UserError
+from validation import describe_read_error
 
 JOURNAL_SUFFIX = ".partial"  # next to the report: likelihood_test.json.partial (not matched by *.json)
 
@@ -107,8 +109,8 @@ class ArrayJournal:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, EOFError) as error:
-            raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # damaged, truncated, not an npz
+            raise UserError(f"cannot resume from {path}: {describe_read_error(error)}; "
                             f"delete {self.folder} to start over") from None
 
     def record(self, index: int, **arrays: np.ndarray) -> None:

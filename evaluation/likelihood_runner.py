@@ -88,8 +88,9 @@ def _batches(total: int, batch_size: int, num_batches: int) -> list[tuple[int, i
     return ranges if num_batches <= 0 else ranges[:num_batches]
 
 
-def _open_journal(journal: tuple[str, dict] | None, ranges, info, values_key: str) -> BatchJournal | None:
-    """The batch journal of (path, header) for these batch ranges (None without a path or under torchrun)."""
+def _open_journal(journal: tuple[str, dict] | None, ranges, info, *values_keys: str) -> BatchJournal | None:
+    """The batch journal of (path, header) for these batch ranges (None without a path or under torchrun); every
+    saved batch must hold one finite number per row under each of `values_keys`, its NFE and its seconds."""
     if journal is None or info.world_size > 1:
         return None
     path, header = journal
@@ -98,10 +99,12 @@ def _open_journal(journal: tuple[str, dict] | None, ranges, info, values_key: st
         if not 0 <= index < len(ranges):
             raise ValueError(f"batch {index} is not one of the {len(ranges)} batches")
         lo, hi = ranges[index]
-        values = entry.get(values_key)
-        if not isinstance(values, list) or len(values) != hi - lo:
-            raise ValueError(f"batch {index} does not hold {hi - lo} values under {values_key!r}")
-        numbers = values + [entry.get("nfe"), entry.get("seconds")]
+        numbers = [entry.get("nfe"), entry.get("seconds")]
+        for key in values_keys:
+            values = entry.get(key)
+            if not isinstance(values, list) or len(values) != hi - lo:
+                raise ValueError(f"batch {index} does not hold {hi - lo} values under {key!r}")
+            numbers += values
         if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in numbers):
             raise ValueError(f"batch {index} holds values that are not finite numbers")
 
@@ -130,7 +133,7 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
     start_time = time.perf_counter()
     ranges, info = _batches(count, batch_size, 0), distributed.current_info()
     mine = distributed.my_share(len(ranges), info)
-    saved = _open_journal(journal, ranges, info, "nats")
+    saved = _open_journal(journal, ranges, info, "nats", *(["reference"] if mixture is not None else []))
     reused = {index: saved.done[index] for index in mine if saved is not None and index in saved.done}
     with nfe_bar(None, f"likelihood {split} ({len(mine)} batches)", progress and info.is_main) as bar:
         counted = ProgressScore(score_fn, bar)  # the bar counts every score evaluation
@@ -191,7 +194,7 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     start_time = time.perf_counter()
     info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
     mine = distributed.my_share(len(ranges), info)
-    saved = _open_journal(journal, ranges, info, "bpd")
+    saved = _open_journal(journal, ranges, info, "bpd", *(["bound"] if with_bound else []))
     reused = {index: saved.done[index] for index in mine if saved is not None and index in saved.done}
     num_dequant = int(config.likelihood.num_dequant)
     with nfe_bar(None, f"bits/dim {split} ({len(mine)} batches x {num_dequant} passes)",

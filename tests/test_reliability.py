@@ -472,7 +472,11 @@ def test_a_likelihood_journal_of_another_checkpoint_is_replaced_and_a_damaged_on
     entry = json.loads(saved)
     entry["header"]["step"] = 2
     entry["batches"]["0"]["bpd" if "bpd" in entry["batches"]["0"] else "nats"] = [0.0]  # 4 points expected
-    for text, reason in [("{not json", "Expecting property name"), (json.dumps(entry), "does not hold 4 values")]:
+    no_reference = json.loads(saved)
+    no_reference["header"]["step"] = 2
+    del no_reference["batches"]["0"]["reference"]  # ring2d is an analytic mixture: its exact log p is kept too
+    for text, reason in [("{not json", "Expecting property name"), (json.dumps(entry), "does not hold 4 values"),
+                         (json.dumps(no_reference), "under 'reference'")]:
         open(journal, "w").write(text)
         capsys.readouterr()
         assert main.main([*argv, "--workdir", workdir]) == 2
@@ -513,11 +517,15 @@ def test_a_killed_sampling_run_resumes_from_its_saved_batches(tmp_path, monkeypa
 
     # a damaged batch file: one line, the folder left for the user to delete
     _run_killed_after(monkeypatch, batch_journal.ArrayJournal, 2, [*argv, "--workdir", killed])
-    np.savez(os.path.join(folder, "batch_1.npz"), samples=np.zeros((3, 2), np.float32), nfe=np.array(4))
-    capsys.readouterr()
-    assert main.main([*argv, "--workdir", killed]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "cannot resume from" in err and "does not hold float32 samples" in err, err
+    batch = os.path.join(folder, "batch_1.npz")
+    for damage, reason in [(lambda: np.savez(batch, samples=np.zeros((3, 2), np.float32), nfe=np.array(4)),
+                            "does not hold float32 samples"),
+                           (lambda: open(batch, "r+b").truncate(100), "BadZipFile")]:
+        damage()
+        capsys.readouterr()
+        assert main.main([*argv, "--workdir", killed]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "cannot resume from" in err and reason in err, err
 
 
 def test_sigkill_in_the_third_batch_then_resume_gives_the_uninterrupted_results(tmp_path):
