@@ -20,7 +20,7 @@ import torch
 from atomic_io import save_npz, write_json
 from errors import UserError
 from evaluation.batch_journal import ArrayJournal
-from evaluation.outputs import default_config, result_stem
+from evaluation.outputs import default_config, file_digest, result_stem
 from training import distributed
 from validation import check_output_files, check_settings
 
@@ -196,6 +196,10 @@ def sample_from_run(config, workdir: str, args, journal_folder: str | None = Non
     if journal_folder is not None:
         header = {"solver": solver, "nfe": int(nfe), "seed": seed, "step": None if step is None else int(step),
                   "settings": sampling_settings(config, solver, num_samples), "guidance": guidance}
+        if guidance.get("guidance") == "classifier":  # a retrained classifier changes the samples too
+            from training.classifier import classifier_path
+
+            header["classifier"] = file_digest(classifier_path(workdir))
         journal = (journal_folder, header)
     start = time.time()
     x, nfes = generate(config, sde, score_fn, solver, nfe, num_samples, seed, device, journal=journal)
