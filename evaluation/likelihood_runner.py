@@ -345,6 +345,7 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device,
     """The likelihood report of the run's EMA weights on `split`, and the checkpoint step; batches are saved to
     and resumed from the journal (path, settings) for this checkpoint step."""
     from evaluation.run import load_run
+    from training.checkpoint import checkpoint_path, stored_digest
     from training.device import strict_float32
 
     run = load_run(workdir, device, config=config)  # parameters frozen: the divergence needs grads w.r.t. x only
@@ -353,8 +354,9 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device,
     num_batches = int(config.likelihood.num_batches) if args.num_batches is None else int(args.num_batches)
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
         path, settings = journal
+        header = {"settings": settings, "split": split, "step": None if step is None else int(step),
+                  "weights": stored_digest(checkpoint_path(workdir))}  # the same step of another run differs
         report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn,
-                          journal=(path, {"settings": settings, "split": split,
-                                           "step": None if step is None else int(step)}))
+                          journal=(path, header))
     report["score"] = "continuous" if likelihood_continuous(config) else "discrete"
     return report, step

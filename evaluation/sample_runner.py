@@ -194,7 +194,10 @@ def sample_from_run(config, workdir: str, args, journal_folder: str | None = Non
         sde, score_fn, step, guidance = guided_score_fn(config, workdir, device, args)
     journal = None
     if journal_folder is not None:
+        from training.checkpoint import checkpoint_path, stored_digest
+
         header = {"solver": solver, "nfe": int(nfe), "seed": seed, "step": None if step is None else int(step),
+                  "weights": stored_digest(checkpoint_path(workdir)),  # the same step of another run differs
                   "settings": sampling_settings(config, solver, num_samples), "guidance": guidance}
         if guidance.get("guidance") == "classifier":  # a retrained classifier changes the samples too
             from training.classifier import classifier_path

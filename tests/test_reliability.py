@@ -469,11 +469,12 @@ def test_a_likelihood_journal_of_another_checkpoint_is_replaced_and_a_damaged_on
     assert main.main([*argv, "--workdir", fresh]) == 0
     assert _likelihood_report(workdir)["bits_per_dim"] == _likelihood_report(fresh)["bits_per_dim"]
 
-    entry = json.loads(saved)
-    entry["header"]["step"] = 2
-    entry["batches"]["0"]["bpd" if "bpd" in entry["batches"]["0"] else "nats"] = [0.0]  # 4 points expected
-    no_reference = json.loads(saved)
-    no_reference["header"]["step"] = 2
+    from training.checkpoint import stored_digest
+
+    base = json.loads(saved)
+    base["header"].update(step=2, weights=stored_digest(checkpoint_path(workdir)))  # made for the new weights
+    entry, no_reference = json.loads(json.dumps(base)), json.loads(json.dumps(base))
+    entry["batches"]["0"]["nats"] = [0.0]  # 4 points expected
     del no_reference["batches"]["0"]["reference"]  # ring2d is an analytic mixture: its exact log p is kept too
     for text, reason in [("{not json", "Expecting property name"), (json.dumps(entry), "does not hold 4 values"),
                          (json.dumps(no_reference), "under 'reference'")]:
@@ -553,3 +554,20 @@ def test_sigkill_in_the_third_batch_then_resume_gives_the_uninterrupted_results(
     (reference,) = glob.glob(os.path.join(whole, "samples", "*.npz"))
     np.testing.assert_array_equal(np.load(resumed)["samples"], np.load(reference)["samples"])
     assert _likelihood_report(results["likelihood"][0])["bits_per_dim"] == _likelihood_report(whole)["bits_per_dim"]
+
+
+def test_stored_digest_names_the_weights_of_a_checkpoint(tmp_path):
+    """The journals tell checkpoints apart by the SHA-256 in the checkpoint's first line (None without one)."""
+    import hashlib
+
+    from training.checkpoint import stored_digest
+
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    _write_checkpoint(first, seed=1)
+    _write_checkpoint(second, seed=2)
+    data = open(checkpoint_path(first), "rb").read()
+    payload = data[data.index(b"\n") + 1:]
+    assert stored_digest(checkpoint_path(first)) == hashlib.sha256(payload).hexdigest()
+    assert stored_digest(checkpoint_path(first)) != stored_digest(checkpoint_path(second))
+    (tmp_path / "legacy.pt").write_bytes(payload)  # a file from before checksums
+    assert stored_digest(str(tmp_path / "legacy.pt")) is None and stored_digest(str(tmp_path / "none.pt")) is None

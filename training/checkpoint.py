@@ -117,6 +117,19 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
+def stored_digest(path: str) -> str | None:
+    """The SHA-256 a checksummed file carries in its first line (what identifies the weights), or None for a file
+    without one or that cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(_HEADER_SIZE)
+    except OSError:
+        return None
+    if not header.startswith(MAGIC) or not header.endswith(b"\n") or len(header) != _HEADER_SIZE:
+        return None
+    return header[len(MAGIC):-1].decode("ascii", errors="replace")
+
+
 class _Unverified(io.BytesIO):
     """The bytes of a file without a checksum (written before checksums were added, or not ours)."""
 
