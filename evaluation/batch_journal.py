@@ -47,8 +47,8 @@ class BatchJournal:
             saved_header = saved.get("header")
             if saved_header != json.loads(json.dumps(header)):  # compared as JSON (tuples become lists)
                 step = saved_header.get("step") if isinstance(saved_header, dict) else None
-                print(f"note: {path} holds batches of other settings or another checkpoint (step {step}, now "
-                      f"{header.get('step')}); starting over, it is replaced batch by batch")
+                print(f"note: {path} was saved for other weights or settings (checkpoint step {step}; now "
+                      f"step {header.get('step')}); starting over, it is replaced batch by batch")
                 return cls(path, header)
             done = {}
             for key, entry in saved["batches"].items():
@@ -95,8 +95,8 @@ class ArrayJournal:
                 saved = json.load(handle)
             done = [int(i) for i in saved["done"]]
             if saved["header"] != json.loads(json.dumps(header)):
-                print(f"note: {folder} holds batches of other settings or another checkpoint (step "
-                      f"{saved['header'].get('step')}, now {header.get('step')}); starting over")
+                print(f"note: {folder} was saved for other weights or settings (checkpoint step "
+                      f"{saved['header'].get('step')}; now step {header.get('step')}); starting over")
                 return cls(folder, header)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
             raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "

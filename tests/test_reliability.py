@@ -465,7 +465,7 @@ def test_a_likelihood_journal_of_another_checkpoint_is_replaced_and_a_damaged_on
     _write_checkpoint(fresh, seed=2)
     capsys.readouterr()
     assert main.main([*argv, "--workdir", workdir]) == 0
-    assert "step 1, now 2" in capsys.readouterr().out
+    assert "checkpoint step 1; now step 2" in capsys.readouterr().out
     assert main.main([*argv, "--workdir", fresh]) == 0
     assert _likelihood_report(workdir)["bits_per_dim"] == _likelihood_report(fresh)["bits_per_dim"]
 
