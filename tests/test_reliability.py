@@ -571,3 +571,20 @@ def test_stored_digest_names_the_weights_of_a_checkpoint(tmp_path):
     assert stored_digest(checkpoint_path(first)) != stored_digest(checkpoint_path(second))
     (tmp_path / "legacy.pt").write_bytes(payload)  # a file from before checksums
     assert stored_digest(str(tmp_path / "legacy.pt")) is None and stored_digest(str(tmp_path / "none.pt")) is None
+
+
+def test_sample_batches_saved_for_other_weights_are_not_reused(tmp_path, capsys, monkeypatch):
+    from evaluation import batch_journal
+
+    argv = [*SAMPLE, "--num_samples", "8", "--config.sampling.batch_size=4"]
+    workdir, fresh = str(tmp_path / "run"), str(tmp_path / "fresh")
+    _write_checkpoint(workdir, seed=1)
+    _run_killed_after(monkeypatch, batch_journal.ArrayJournal, 1, [*argv, "--workdir", workdir])
+    _write_checkpoint(workdir, seed=2)
+    _write_checkpoint(fresh, seed=2)
+    capsys.readouterr()
+    assert main.main([*argv, "--workdir", workdir]) == 0
+    assert "checkpoint step 1; now step 2" in capsys.readouterr().out
+    assert main.main([*argv, "--workdir", fresh]) == 0
+    (resumed,), (reference,) = (glob.glob(os.path.join(w, "samples", "*.npz")) for w in (workdir, fresh))
+    np.testing.assert_array_equal(np.load(resumed)["samples"], np.load(reference)["samples"])
