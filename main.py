@@ -107,7 +107,7 @@ def check_solver(name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    from errors import UserError
+    from errors import Interrupted, UserError
     from evaluation.run import resolve_config
     from training.device import get_device
 
@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # training saved a checkpoint at the step it had finished
+        print(f"interrupted: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints and the finished batches of sample / eval / likelihood runs are kept; "
+              "the same command resumes", file=sys.stderr)
+        return 130
     return 0 if code is None else int(code)
 
 

@@ -1,6 +1,7 @@
 """Train loop: learning on the 2-D ring, exact resume, checkpoint safety, divergence, DDP with gloo."""
 import errno
 import os
+import signal
 import socket
 
 import pytest
@@ -454,3 +455,61 @@ def test_training_package_never_imports_evaluation():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "evaluation" or n.startswith("evaluation.") for n in names), path
+
+
+class _SignalAt:
+    """A training callback that sends `signum` to this process at step `at`, as a cluster or Ctrl-C would."""
+
+    def __init__(self, at: int, signum: int):
+        self.every, self.at, self.signum = 1, at, signum
+
+    def __call__(self, event):
+        if event.step == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_the_finished_step_and_the_resume_equals_the_uninterrupted_run(tmp_path, signum):
+    """SIGTERM (preemption) or Ctrl-C between snapshots: the step in progress finishes, a checkpoint of it is
+    written, the handlers are put back, and resuming gives the uninterrupted run's weights."""
+    from errors import Interrupted
+
+    config = tiny_config(n_iters=12)  # snapshots at 4, 8, 12
+    full = train(config, str(tmp_path / "full"))
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as stop:
+        train(config, str(tmp_path / "stopped"), callbacks=[_SignalAt(6, signum)])
+    assert signal.getsignal(signum) == before
+    assert stop.value.exit_code == 128 + signum and "at step 7" in str(stop.value), str(stop.value)
+    assert signal.Signals(signum).name in str(stop.value)
+    assert load_checkpoint(checkpoint_path(str(tmp_path / "stopped")))["step"] == 7
+    resumed = train(config, str(tmp_path / "stopped"))
+    assert resumed.steps_this_run == 5
+    assert_same_run(full.checkpoint, checkpoint_path(str(tmp_path / "stopped")))
+
+
+def test_ctrl_c_on_the_command_line_keeps_the_step_and_says_so_in_one_line(tmp_path):
+    """A real SIGINT to `main.py --mode train`: exit 130, one line naming the step and the checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    argv = [sys.executable, "main.py", "--mode", "train", "--config", "vp_toy", "--workdir", str(workdir),
+            "--config.training.n_iters=1000000", "--config.training.snapshot_every=1000000",
+            "--config.training.plot_samples=0", "--config.training.progress=false", "--config.device=cpu",
+            "--config.model.hidden_dim=16", "--config.model.num_layers=2", "--config.model.embedding_dim=8"]
+    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (workdir / "config.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(2.0)  # the loop is running: config.json is written just before it
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIGINT at step"), err
+    step = load_checkpoint(checkpoint_path(str(workdir)))["step"]
+    assert step > 0 and f"at step {step}:" in lines[0]

@@ -19,7 +19,7 @@ import models
 from atomic_io import write_json, write_text
 from models.guidance import conditional_score_fn
 from data.loaders import check_num_classes, get_data_stream, stream_seed, step_generator
-from errors import UserError
+from errors import Interrupted, UserError
 from sde_lib import get_sde
 from solvers.guidance import conditional_score
 from training import distributed
@@ -28,6 +28,7 @@ from training.checkpoint import (FORMAT_VERSION, checkpoint_path, config_differe
 from training.device import get_device
 from training.logger import TrainLogger
 from training.losses import drop_labels, get_loss_fn
+from training.stop_signal import stop_on_signals
 
 _SALT_LOSS, _SALT_DROPOUT = 0x1055, 0xD409
 
@@ -321,7 +322,8 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     metrics: dict[str, float] = {}
     callback_seconds = 0.0
     model.train()
-    try:
+    stopped = False
+    with stop_on_signals() as stop, contextlib.closing(logger):
         for step in range(start, end):
             loss, grad_norm = train_step(step)
             lr = learning_rate(config, step)
@@ -333,7 +335,9 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
             log_due = done % log_every == 0 or done == end
             snapshot_due = done % snapshot_every == 0 or done == end
             callbacks_due = any(_callback_due(cb, done, int(tr.n_iters)) for cb in callbacks)
-            if not (log_due or snapshot_due or callbacks_due):
+            # SIGINT / SIGTERM: checked after every step (one process) or at the synchronisation points below
+            stop_due = stop.requested and info.world_size == 1
+            if not (log_due or snapshot_due or callbacks_due or stop_due):
                 continue
             # One synchronisation per logging window, never per step; weights and EMA are checked too, so a
             # snapshot never holds NaN/inf and "the last good checkpoint" is always good.
@@ -345,6 +349,8 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
                     f"the last good checkpoint ({ckpt}, step {last_good if os.path.exists(ckpt) else 'none'}) "
                     "was kept; lower training.lr, raise training.warmup or check the data")
             last_good = done
+            stopped = distributed.broadcast_flag(stop.requested, info, device) and done < end
+            snapshot_due = snapshot_due or stopped
             if log_due:
                 elapsed = time.perf_counter() - window_start
                 mean_loss = distributed.all_reduce_mean(loss_sum / window, info)
@@ -368,8 +374,11 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
                 callback_seconds += spent
                 window_start += spent  # callbacks do not count towards the training rate
             distributed.barrier(info)
-    finally:
-        logger.close()
+            if stopped:
+                break
+    if stopped:
+        raise Interrupted(f"stopped by {stop.name or 'a signal'} at step {state.step}: checkpoint {ckpt} saved; "
+                          "run the same command to resume", stop.signum or 15)
     seconds = time.perf_counter() - t0 - callback_seconds
     if info.is_main:
         write_json(os.path.join(workdir, "train_summary.json"),
