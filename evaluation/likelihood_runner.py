@@ -12,6 +12,7 @@ kill resumes from the batches done (single process; under torchrun every process
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -194,6 +195,8 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     start_time = time.perf_counter()
     info = distributed.current_info()  # under torchrun: this process's share of the batches, then a gather
     mine = distributed.my_share(len(ranges), info)
+    if journal is not None:  # the same settings on other images (another data.path) must not reuse batches
+        journal = (journal[0], {**journal[1], "images": hashlib.sha256(images.numpy().tobytes()).hexdigest()})
     saved = _open_journal(journal, ranges, info, "bpd", *(["bound"] if with_bound else []))
     reused = {index: saved.done[index] for index in mine if saved is not None and index in saved.done}
     num_dequant = int(config.likelihood.num_dequant)

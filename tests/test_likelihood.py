@@ -725,3 +725,40 @@ def test_likelihood_grid_floor_script_runs(monkeypatch, capsys):
     knots = np.array([0.0, 0.1, 0.5, 1.0])
     torch.testing.assert_close(likelihood_grid_floor.resample_grid(knots, 6),
                                torch.tensor([0.0, 0.05, 0.1, 0.3, 0.5, 0.75, 1.0], dtype=torch.float64))
+
+
+def test_a_likelihood_journal_is_not_reused_for_other_images(tmp_path, monkeypatch, capsys):
+    """The journal's header holds a digest of the images: the same settings on another data set (another
+    data.path) start over instead of mixing in batches of the old images."""
+    import configs
+    import data.loaders
+    from data.digits import load_digits_uint8
+    from evaluation import batch_journal
+    from evaluation.likelihood_runner import evaluate
+
+    config = configs.get_config("vp_toy")
+    config.data.update(dataset="digits", kind="image", image_size=8, num_channels=1, centered=True)
+    config.likelihood.update(batch_size=3, num_dequant=1, rtol=1e-3, atol=1e-3)
+    sde = VPSDE()
+    images, labels = load_digits_uint8()
+    y = 2 * torch.from_numpy(images[:500]).double().reshape(500, -1) / 255 - 1
+    score = _image_score(GaussianMixture([1.0], y.mean(0, keepdim=True), y.std(0).clamp(min=0.05)[None]), sde)
+    first, second = (images[:6], labels[:6]), (images[100:106], labels[100:106])
+    journal = (str(tmp_path / "likelihood_test.json.partial"), {"settings": {}, "step": 1, "weights": "w"})
+    record = batch_journal.BatchJournal.record
+
+    def record_then_stop(self, index, entry):
+        record(self, index, entry)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.loaders, "load_image_dataset", lambda config, split: first)
+    monkeypatch.setattr(batch_journal.BatchJournal, "record", record_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(config, sde, score, "test", 2, torch.device("cpu"), progress=False, journal=journal)
+    monkeypatch.setattr(batch_journal.BatchJournal, "record", record)
+    monkeypatch.setattr(data.loaders, "load_image_dataset", lambda config, split: second)
+    capsys.readouterr()
+    resumed = evaluate(config, sde, score, "test", 2, torch.device("cpu"), progress=False, journal=journal)
+    assert "was saved for other weights or settings" in capsys.readouterr().out
+    fresh = evaluate(config, sde, score, "test", 2, torch.device("cpu"), progress=False)
+    assert resumed["bits_per_dim"] == fresh["bits_per_dim"]
