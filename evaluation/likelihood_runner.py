@@ -297,6 +297,8 @@ def likelihood_settings(config, num_batches: int) -> dict:
     """Every setting that changes a likelihood report (besides the split, which is in the file name)."""
     lk = config.likelihood
     return {**_likelihood_options(config), "seed": int(config.seed), "num_batches": int(num_batches),
+            "dataset": str(config.data.dataset), "data_path": str(config.data.get("path", "") or ""),
+            "continuous_score": likelihood_continuous(config),
             "batch_size": int(lk.batch_size), "num_dequant": int(lk.num_dequant),
             "toy_num_samples": int(lk.toy_num_samples), "ddpm_bound": bool(lk.get("ddpm_bound", False)),
             "ddpm_variance": str(lk.get("ddpm_variance", "")), "ddpm_num_terms": int(lk.get("ddpm_num_terms", 0))}

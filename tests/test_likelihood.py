@@ -762,3 +762,28 @@ def test_a_likelihood_journal_is_not_reused_for_other_images(tmp_path, monkeypat
     assert "was saved for other weights or settings" in capsys.readouterr().out
     fresh = evaluate(config, sde, score, "test", 2, torch.device("cpu"), progress=False)
     assert resumed["bits_per_dim"] == fresh["bits_per_dim"]
+
+
+def test_likelihood_reports_of_other_data_or_score_protocol_get_other_names(tmp_path):
+    """Another data.path or, for a discrete-time model, likelihood.continuous_score changes the report's name
+    (and its journal's), so such results never replace each other."""
+    import argparse
+
+    import configs
+    from evaluation.likelihood_runner import results_path
+
+    def path(config):
+        args = argparse.Namespace(config="vp_digits", num_batches=None)
+        return results_path(config, str(tmp_path / "none"), "test", args)[0]
+
+    base = configs.get_config("vp_digits")
+    assert path(base).endswith("likelihood_test.json")
+    other_data = configs.get_config("vp_digits")
+    other_data.data.path = "/elsewhere"
+    discrete = configs.get_config("vp_digits")
+    discrete.training.continuous = False
+    step_wise = configs.get_config("vp_digits")
+    step_wise.training.continuous = False
+    step_wise.likelihood.continuous_score = False
+    names = {path(c) for c in (base, other_data, step_wise)}
+    assert len(names) == 3 and path(discrete) == path(base)  # discrete training, continuous score: the default
