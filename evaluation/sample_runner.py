@@ -255,7 +255,21 @@ def output_stem(config, args, workdir: str, kind: str = "samples") -> tuple[str,
     defaults = default_config(args, workdir)
     default_settings = (None if defaults is None
                         else sampling_settings(defaults, solver, int(defaults.sampling.num_samples)))
+    if kind == "eval":  # the quality report also depends on what it compares with
+        settings.update(_reference_settings(config, getattr(args, "split", None)))
+        if default_settings is not None:
+            default_settings.update(_reference_settings(defaults, None))
     return os.path.join(workdir, kind, result_stem(stem, settings, default_settings)), settings
+
+
+def _reference_settings(config, split: str | None) -> dict:
+    """What an eval report is measured against: the data set, its path and, for images, the reference split and
+    image count (the toy metrics draw their own exact samples)."""
+    out = {"dataset": str(config.data.dataset), "data_path": str(config.data.get("path", "") or "")}
+    if config.data.get("kind", "toy") == "image":
+        out.update(split=str(split or config.eval.split),
+                   reference_num_images=int(config.eval.get("reference_num_images", 0)))
+    return out
 
 
 def run(config, workdir: str, args) -> int:

@@ -253,3 +253,28 @@ def test_bad_eval_settings_are_one_line(tmp_path, capsys, override, key):
                       f"--config.{override}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and key in err and len(err.splitlines()) == 1
+
+
+def test_eval_reports_against_another_split_or_data_get_other_names(tmp_path):
+    """An eval report depends on its reference (split, data path, image count): other references, other names;
+    the config's own reference keeps the readable name. Sample files do not depend on it."""
+    import argparse
+
+    import configs
+    from evaluation.sample_runner import output_stem
+
+    config = configs.get_config("vp_digits")
+
+    def stem(kind, split=None, **data):
+        run = configs.get_config("vp_digits")
+        run.data.update(data)
+        args = argparse.Namespace(config="vp_digits", solver="em", nfe=10, split=split,
+                                  num_samples=int(config.sampling.num_samples))
+        return output_stem(run, args, str(tmp_path / "none"), kind)[0]
+
+    base = stem("eval")
+    assert base.endswith(f"eval_em_nfe10_seed{config.seed}")  # the config's own reference: the readable name
+    others = {stem("eval", split="test"), stem("eval", path="/elsewhere")}
+    assert len(others | {base}) == 3
+    assert stem("eval", split=str(config.eval.split)) == base
+    assert stem("samples", path="/elsewhere") == stem("samples")
