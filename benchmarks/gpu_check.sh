@@ -232,7 +232,7 @@ for split in ('train', 'test'):
         "--config.training.snapshot_every=$SNAPSHOT" --config.training.plot_samples=0 \
         --config.training.progress=false --config.training.log_every=50
     collect
-    # the toolkit's default likelihood settings (vp_cifar keeps the paper's), one batch of the test images
+    # the toolkit's default likelihood settings (vp_cifar keeps the paper's) on the test images, batch by batch
     # shellcheck disable=SC2086
     run_step run_bpd 160 - "${MAIN[@]}" --mode likelihood --workdir "$RUN_DIR" --split test \
         $LIK_DEFAULTS "${RUN_LIK[@]}"

@@ -58,7 +58,7 @@ class BatchJournal:
                 if check_entry is not None:
                     check_entry(index, entry)
                 done[index] = entry
-        except (OSError, ValueError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        except (OSError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as error:
             raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "
                             "delete the file to start over") from None
         return cls(path, header, done)
@@ -98,7 +98,7 @@ class ArrayJournal:
                 print(f"note: {folder} was saved for other weights or settings (checkpoint step "
                       f"{saved['header'].get('step')}; now step {header.get('step')}); starting over")
                 return cls(folder, header)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as error:
             raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "
                             "delete the folder to start over") from None
         return cls(folder, header, done)

@@ -78,7 +78,7 @@ def run(config, workdir: str, args) -> int:
     check_settings(config, args, "eval", get_sde)  # also when called without main.py
     stem, settings = output_stem(config, args, workdir, "eval")
     path = stem + ".json"
-    check_output_files([path])  # before the work, not after
+    check_output_files([path, stem + JOURNAL_SUFFIX + "/journal.json"])  # before the work, not after
     image = config.data.get("kind", "toy") == "image"
     quality = _image_quality(config, workdir, args) if image else None  # weights checked before sampling
     # the batches are saved in eval/<stem>.partial/ until the report is written: a killed run resumes

@@ -89,9 +89,17 @@ def _batches(total: int, batch_size: int, num_batches: int) -> list[tuple[int, i
     return ranges if num_batches <= 0 else ranges[:num_batches]
 
 
-def _open_journal(journal: tuple[str, dict] | None, ranges, info, *values_keys: str) -> BatchJournal | None:
+def _is_number(value, integer: bool = False) -> bool:
+    """A real number (bool excluded), an int when `integer`."""
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def _open_journal(journal: tuple[str, dict] | None, ranges, info, *values_keys: str,
+                  counts: tuple[str, ...] = ()) -> BatchJournal | None:
     """The batch journal of (path, header) for these batch ranges (None without a path or under torchrun); every
-    saved batch must hold one finite number per row under each of `values_keys`, its NFE and its seconds."""
+    saved batch must hold one number per row under each of `values_keys` (NaN / inf allowed: a diverged ODE is a
+    result), a finite non-negative NFE and seconds, and a non-negative int under each of `counts`."""
     if journal is None or info.world_size > 1:
         return None
     path, header = journal
@@ -100,14 +108,16 @@ def _open_journal(journal: tuple[str, dict] | None, ranges, info, *values_keys: 
         if not 0 <= index < len(ranges):
             raise ValueError(f"batch {index} is not one of the {len(ranges)} batches")
         lo, hi = ranges[index]
-        numbers = [entry.get("nfe"), entry.get("seconds")]
         for key in values_keys:
             values = entry.get(key)
-            if not isinstance(values, list) or len(values) != hi - lo:
+            if not isinstance(values, list) or len(values) != hi - lo or not all(map(_is_number, values)):
                 raise ValueError(f"batch {index} does not hold {hi - lo} values under {key!r}")
-            numbers += values
-        if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in numbers):
-            raise ValueError(f"batch {index} holds values that are not finite numbers")
+        for key in ("nfe", "seconds"):
+            if not (_is_number(entry.get(key)) and 0 <= entry[key] < float("inf")):
+                raise ValueError(f"batch {index}: {key!r} is not a finite non-negative number")
+        for key in counts:
+            if not (_is_number(entry.get(key), integer=True) and entry[key] >= 0):
+                raise ValueError(f"batch {index}: {key!r} is not a non-negative integer")
 
     opened = BatchJournal.open(path, {**header, "batches": [list(r) for r in ranges]}, check_entry)
     if opened.done:
@@ -168,7 +178,7 @@ def evaluate_toy(config, sde, score_fn, split: str, num_batches: int, device: to
               "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(nfes)), "samples_per_s": count / seconds,
               "seconds": seconds}
     if mixture is not None:
-        ref_mean, ref_err = mean_and_stderr(torch.cat([torch.tensor(e["reference"]) for e in entries]))
+        ref_mean, ref_err = mean_and_stderr([v for e in entries for v in e["reference"]])
         report.update(exact_nats_per_dim=ref_mean, exact_nats_per_dim_stderr=ref_err)
     return report
 
@@ -197,7 +207,7 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     mine = distributed.my_share(len(ranges), info)
     if journal is not None:  # the same settings on other images (another data.path) must not reuse batches
         journal = (journal[0], {**journal[1], "images": hashlib.sha256(images.numpy().tobytes()).hexdigest()})
-    saved = _open_journal(journal, ranges, info, "bpd", *(["bound"] if with_bound else []))
+    saved = _open_journal(journal, ranges, info, "bpd", *(["bound"] if with_bound else []), counts=("total_nfe",))
     reused = {index: saved.done[index] for index in mine if saved is not None and index in saved.done}
     num_dequant = int(config.likelihood.num_dequant)
     with nfe_bar(None, f"bits/dim {split} ({len(mine)} batches x {num_dequant} passes)",
@@ -231,7 +241,7 @@ def evaluate_images(config, sde, score_fn, split: str, num_batches: int, device:
     seconds = time.perf_counter() - start_time + sum(e["seconds"] for e in reused.values())
     count = sum(hi - lo for lo, hi in ranges)
     mean, stderr = mean_and_stderr(torch.tensor([v for e in entries for v in e["bpd"]], dtype=torch.float64))
-    nfes, totals = [e["nfe"] for e in entries], [e.get("total_nfe", e["nfe"]) for e in entries]
+    nfes, totals = [e["nfe"] for e in entries], [e["total_nfe"] for e in entries]
     report = {"bits_per_dim": mean, "bits_per_dim_stderr": stderr, "num_samples": count,
               "dim": int(images[0].numel()), "dequantized": True, "num_dequant": int(config.likelihood.num_dequant),
               "data_scale": list(scale), "mean_nfe": float(np.mean(nfes)), "total_nfe": int(np.sum(totals)),
@@ -360,7 +370,8 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device,
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
         path, settings = journal
         header = {"settings": settings, "split": split, "step": None if step is None else int(step),
-                  "weights": stored_digest(checkpoint_path(workdir))}  # the same step of another run differs
+                  "weights": stored_digest(checkpoint_path(workdir)),  # the same step of another run differs
+                  "device": device.type}  # GPU and CPU numbers differ in the last digits: not mixed
         report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn,
                           journal=(path, header))
     report["score"] = "continuous" if likelihood_continuous(config) else "discrete"

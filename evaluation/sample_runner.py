@@ -51,12 +51,13 @@ def sampler_options(config, solver: str) -> dict:
 
 
 def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, seed: int,
-             device: torch.device, progress: bool = True,
-             journal: tuple[str, dict] | None = None) -> tuple[torch.Tensor, list[int]]:
+             device: torch.device, progress: bool = True, journal: tuple[str, dict] | None = None,
+             timing: dict | None = None) -> tuple[torch.Tensor, list[int]]:
     """num_samples samples (model space, on CPU) in batches of config.sampling.batch_size; and NFE per batch.
 
     `journal` = (folder, header): every finished batch is saved there and the batches an earlier run with the same
-    header saved are reused (evaluation/batch_journal.py; single process only)."""
+    header saved are reused (evaluation/batch_journal.py; single process only); `timing["reused_seconds"]` is
+    then set to the sampling time those batches took."""
     from evaluation.progress import ProgressScore, nfe_bar
     from solvers import available_solvers, sample
 
@@ -78,9 +79,10 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     # processes gather the result: the samples do not depend on the number of processes.
     info = distributed.current_info()
     mine = distributed.my_share(len(sizes), info)
-    saved = None
+    saved, reused_seconds = None, 0.0
     if journal is not None and info.world_size == 1:
-        saved = ArrayJournal.open(journal[0], {**journal[1], "sizes": sizes, "shape": list(shape)})
+        header = {**journal[1], "sizes": sizes, "shape": list(shape), "device": device.type, **accel}
+        saved = ArrayJournal.open(journal[0], header)
         if saved.done:
             print(f"resuming from {saved.folder}: {len(saved.done)} of {len(sizes)} batches done")
     desc = f"sampling {batches_label([sizes[index] for index in mine])} ({solver}, NFE budget {nfe} per batch)"
@@ -88,28 +90,36 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
         counted = ProgressScore(score_fn, bar)  # one tick per score evaluation, all batches on one bar
         for index in mine:
             if saved is not None and index in saved.done:
-                chunks[index], nfes[index] = _saved_batch(saved, index, (sizes[index],) + shape)
+                chunks[index], nfes[index], seconds = _saved_batch(saved, index, (sizes[index],) + shape)
+                reused_seconds += seconds
                 bar.update(nfe)
                 continue
+            batch_start = time.time()
             generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(seed, index))
             x, used = sample(sde, counted, (sizes[index],) + shape, solver=solver, nfe=nfe,
                              eps=float(config.sampling.eps), generator=generator, **options)
             chunks[index] = x.float().cpu()
             nfes[index] = int(used)
             if saved is not None:
-                saved.record(index, samples=chunks[index].numpy(), nfe=np.array(nfes[index]))
+                saved.record(index, samples=chunks[index].numpy(), nfe=np.array(nfes[index]),
+                             seconds=np.array(time.time() - batch_start))
+    if timing is not None:
+        timing["reused_seconds"] = reused_seconds
     return torch.cat(distributed.gather_indexed(chunks, info)), distributed.gather_indexed(nfes, info)
 
 
-def _saved_batch(saved: ArrayJournal, index: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    """Batch `index` from the journal: float32 samples of `shape` and its NFE, or a one-line refusal."""
+def _saved_batch(saved: ArrayJournal, index: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int, float]:
+    """Batch `index` from the journal: float32 samples of `shape`, its NFE and its seconds, or a one-line
+    refusal."""
     arrays = saved.load(index)
-    samples, used = arrays.get("samples"), arrays.get("nfe")
+    samples, used, seconds = arrays.get("samples"), arrays.get("nfe"), arrays.get("seconds")
     if (samples is None or samples.dtype != np.float32 or tuple(samples.shape) != tuple(shape) or used is None
-            or used.shape != () or not np.issubdtype(used.dtype, np.integer)):
+            or used.shape != () or not np.issubdtype(used.dtype, np.integer) or int(used) < 0 or seconds is None
+            or seconds.shape != () or not np.issubdtype(seconds.dtype, np.floating)
+            or not 0 <= float(seconds) < float("inf")):
         raise UserError(f"cannot resume from {saved.folder}: batch {index} does not hold float32 samples of shape "
-                        f"{tuple(shape)} and its NFE; delete the folder to start over")
-    return torch.from_numpy(samples.copy()), int(used)
+                        f"{tuple(shape)}, its NFE and its seconds; delete the folder to start over")
+    return torch.from_numpy(samples.copy()), int(used), float(seconds)
 
 
 def batches_label(sizes: list[int]) -> str:
@@ -204,9 +214,9 @@ def sample_from_run(config, workdir: str, args, journal_folder: str | None = Non
 
             header["classifier"] = file_digest(classifier_path(workdir))
         journal = (journal_folder, header)
-    start = time.time()
-    x, nfes = generate(config, sde, score_fn, solver, nfe, num_samples, seed, device, journal=journal)
-    elapsed = time.time() - start
+    start, timing = time.time(), {}
+    x, nfes = generate(config, sde, score_fn, solver, nfe, num_samples, seed, device, journal=journal, timing=timing)
+    elapsed = time.time() - start + timing.get("reused_seconds", 0.0)  # resumed: the saved batches' time too
     facts = {
         "solver": solver, "nfe_requested": nfe, "nfe_used": max(nfes), "nfe_used_per_batch": nfes,
         "num_samples": num_samples, "seed": seed, "checkpoint_step": step,
@@ -283,7 +293,7 @@ def run(config, workdir: str, args) -> int:
 
     check_settings(config, args, "sample", get_sde)  # also when called without main.py
     stem, settings = output_stem(config, args, workdir, "samples")
-    check_output_files([stem + ext for ext in (".npz", ".json", ".png")])  # before the work, not after
+    check_output_files([stem + ext for ext in (".npz", ".json", ".png")] + [stem + JOURNAL_SUFFIX + "/journal.json"])
     group = distributed.setup(get_device(config))
     if group.world_size > 1 and get_device(config).type == "cuda":
         config.device = str(distributed.local_device(get_device(config), group))  # cuda:LOCAL_RANK

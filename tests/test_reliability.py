@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import glob
 import json
+import math
 import os
 import pickle
 import shutil
@@ -506,6 +507,7 @@ def test_a_killed_sampling_run_resumes_from_its_saved_batches(tmp_path, monkeypa
     assert sorted(os.listdir(folder)) == ["batch_0.npz", "batch_1.npz", "journal.json"]
     assert not glob.glob(os.path.join(killed, "samples", "*.npz"))
 
+    saved_seconds = sum(float(np.load(os.path.join(folder, f"batch_{i}.npz"))["seconds"]) for i in (0, 1))
     calls = []
     real_sample = solvers.sample
     monkeypatch.setattr(solvers, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
@@ -515,6 +517,8 @@ def test_a_killed_sampling_run_resumes_from_its_saved_batches(tmp_path, monkeypa
     (resumed,) = glob.glob(os.path.join(killed, "samples", "*.npz"))
     np.testing.assert_array_equal(np.load(resumed)["samples"], np.load(reference)["samples"])
     assert not os.path.exists(folder)
+    facts = json.loads(open(resumed[:-len(".npz")] + ".json").read())
+    assert facts["seconds"] >= round(saved_seconds, 3) > 0  # the time of the reused batches is counted
 
     # a damaged batch file: one line, the folder left for the user to delete
     _run_killed_after(monkeypatch, batch_journal.ArrayJournal, 2, [*argv, "--workdir", killed])
@@ -588,3 +592,41 @@ def test_sample_batches_saved_for_other_weights_are_not_reused(tmp_path, capsys,
     assert main.main([*argv, "--workdir", fresh]) == 0
     (resumed,), (reference,) = (glob.glob(os.path.join(w, "samples", "*.npz")) for w in (workdir, fresh))
     np.testing.assert_array_equal(np.load(resumed)["samples"], np.load(reference)["samples"])
+
+
+def test_hostile_journal_contents_are_refused_in_one_line_and_nan_results_resume(tmp_path, monkeypatch, capsys):
+    """Journal values of the wrong kind (booleans, negative counts, strings, overflowing or deeply nested JSON)
+    are refused in one line; NaN bits/dim of a diverged batch are a result and resume as such."""
+    from evaluation import batch_journal
+
+    argv = [*LIKELIHOOD, "--num_batches", "2"]
+    workdir = str(tmp_path / "run")
+    _write_checkpoint(workdir, seed=1)
+    _run_killed_after(monkeypatch, batch_journal.BatchJournal, 1, [*argv, "--workdir", workdir])
+    (journal,) = glob.glob(os.path.join(workdir, "likelihood", "*.partial"))
+    good = json.loads(open(journal).read())
+
+    def with_batch(**changes):
+        changed = json.loads(json.dumps(good))
+        changed["batches"]["0"].update(changes)
+        return json.dumps(changed)
+
+    cases = [(with_batch(nfe=True), "'nfe' is not a finite non-negative number"),
+             (with_batch(seconds=-1.0), "'seconds' is not a finite non-negative number"),
+             (with_batch(nats=["1.0"] * 4), "does not hold 4 values under 'nats'"),
+             ('{"header": ' + "[" * 100000 + "]" * 100000 + "}", "cannot resume from")]
+    for text, reason in cases:
+        open(journal, "w").write(text)
+        capsys.readouterr()
+        assert main.main([*argv, "--workdir", workdir]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "cannot resume from" in err and reason in err, err
+    open(journal, "w").write(with_batch(nats=[float("nan")] * 4))
+    assert main.main([*argv, "--workdir", workdir]) == 0
+    assert math.isnan(_likelihood_report(workdir)["nats_per_dim"])
+
+    folder = os.path.join(workdir, "samples", "x.partial")
+    os.makedirs(folder)
+    open(os.path.join(folder, "journal.json"), "w").write('{"header": {}, "done": [Infinity]}')
+    with pytest.raises(UserError, match="cannot resume from"):
+        batch_journal.ArrayJournal.open(folder, {})

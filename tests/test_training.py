@@ -461,9 +461,10 @@ class _SignalAt:
     """A training callback that sends `signum` to this process at step `at`, as a cluster or Ctrl-C would."""
 
     def __init__(self, at: int, signum: int):
-        self.every, self.at, self.signum = 1, at, signum
+        self.every, self.at, self.signum, self.steps = 1, at, signum, []
 
     def __call__(self, event):
+        self.steps.append(event.step)
         if event.step == self.at:
             os.kill(os.getpid(), self.signum)
 
@@ -477,9 +478,11 @@ def test_a_stop_signal_saves_the_finished_step_and_the_resume_equals_the_uninter
     config = tiny_config(n_iters=12)  # snapshots at 4, 8, 12
     full = train(config, str(tmp_path / "full"))
     before = signal.getsignal(signum)
+    callback = _SignalAt(6, signum)
     with pytest.raises(Interrupted) as stop:
-        train(config, str(tmp_path / "stopped"), callbacks=[_SignalAt(6, signum)])
+        train(config, str(tmp_path / "stopped"), callbacks=[callback])
     assert signal.getsignal(signum) == before
+    assert callback.steps == [1, 2, 3, 4, 5, 6]  # no callback at the stopping step: save and leave
     assert stop.value.exit_code == 128 + signum and "at step 7" in str(stop.value), str(stop.value)
     assert signal.Signals(signum).name in str(stop.value)
     assert load_checkpoint(checkpoint_path(str(tmp_path / "stopped")))["step"] == 7
@@ -513,3 +516,19 @@ def test_ctrl_c_on_the_command_line_keeps_the_step_and_says_so_in_one_line(tmp_p
     assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIGINT at step"), err
     step = load_checkpoint(checkpoint_path(str(workdir)))["step"]
     assert step > 0 and f"at step {step}:" in lines[0]
+
+
+def test_an_ignored_signal_stays_ignored_during_training():
+    """A background job's SIGINT is ignored (SIG_IGN): the trainer's stop handler leaves it so."""
+    from training.stop_signal import stop_on_signals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_signals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -2,8 +2,9 @@
 
 A cluster sends SIGTERM before it preempts a job and Ctrl-C sends SIGINT; without this, every step since the last
 snapshot (`training.snapshot_every`) is lost. `stop_on_signals()` records the first such signal and puts the
-previous handler back, so a second one acts as before (Ctrl-C twice stops at once). Handlers can only be set from
-the main thread; elsewhere nothing is installed and no stop is ever requested.
+previous handler back, so a second one acts as before (Ctrl-C twice stops at once). Signals the process ignores
+(SIG_IGN, e.g. SIGINT of a background job) stay ignored. Handlers can only be set from the main thread; elsewhere
+nothing is installed and no stop is ever requested.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def stop_on_signals(signals=STOP_SIGNALS) -> Iterator[StopRequest]:
 
     for signum in signals:
         handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN:  # ignored on purpose (e.g. SIGINT of a background job): left alone
+            continue
         previous[signum] = signal.SIG_DFL if handler is None else handler
         signal.signal(signum, record)
     try:

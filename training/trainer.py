@@ -31,6 +31,7 @@ from training.losses import drop_labels, get_loss_fn
 from training.stop_signal import stop_on_signals
 
 _SALT_LOSS, _SALT_DROPOUT = 0x1055, 0xD409
+STOP_CHECK_EVERY = 10  # steps between the ranks' checks for a stop signal under torchrun (torchrun kills ~30 s later)
 
 
 class TrainingDiverged(UserError):
@@ -335,8 +336,9 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
             log_due = done % log_every == 0 or done == end
             snapshot_due = done % snapshot_every == 0 or done == end
             callbacks_due = any(_callback_due(cb, done, int(tr.n_iters)) for cb in callbacks)
-            # SIGINT / SIGTERM: checked after every step (one process) or at the synchronisation points below
-            stop_due = stop.requested and info.world_size == 1
+            # SIGINT / SIGTERM: checked after every step by one process; under torchrun every STOP_CHECK_EVERY
+            # steps on all ranks together (a collective, so at the same steps everywhere), and at the other sync points
+            stop_due = stop.requested if info.world_size == 1 else done % STOP_CHECK_EVERY == 0
             if not (log_due or snapshot_due or callbacks_due or stop_due):
                 continue
             # One synchronisation per logging window, never per step; weights and EMA are checked too, so a
@@ -364,7 +366,7 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
                 window, window_start = 0, time.perf_counter()
             if snapshot_due and info.is_main:
                 save_checkpoint(ckpt, state.to_dict(config))
-            if info.is_main and callbacks_due:
+            if info.is_main and callbacks_due and not stopped:  # a stopping run saves and leaves at once
                 callback_start = time.perf_counter()
                 values = _run_callbacks(callbacks, config, sde, state, device, workdir, int(tr.n_iters))
                 if values:
