@@ -283,6 +283,33 @@ def test_ddp_gloo_two_processes_keep_replicas_identical(tmp_path):
     assert load_checkpoint(checkpoint_path(workdir))["step"] == 6
 
 
+def _ddp_stop_worker(rank: int, world_size: int, port: int, workdir: str, out: str) -> None:
+    from errors import Interrupted
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = tiny_config(n_iters=40, log_every=100, snapshot_every=100)
+    try:  # only rank 0 gets the signal (its callback sends it at step 13); every rank must stop at step 20
+        train(config, workdir, callbacks=[_SignalAt(13, signal.SIGTERM, every=13)])
+        stopped = ""
+    except Interrupted as error:
+        stopped = str(error)
+    torch.save({"stopped": stopped}, os.path.join(out, f"stop{rank}.pt"))
+
+
+def test_ddp_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Under torchrun a SIGTERM seen by one process stops all of them at the next check (every 10 steps), with one
+    checkpoint of that step; no rank waits forever in a collective."""
+    import torch.multiprocessing as mp
+
+    workdir = str(tmp_path / "run")
+    mp.spawn(_ddp_stop_worker, args=(2, free_port(), workdir, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"stop{rank}.pt") for rank in (0, 1)]
+    assert all("at step 20:" in r["stopped"] for r in results), [r["stopped"] for r in results]
+    assert load_checkpoint(checkpoint_path(workdir))["step"] == 20
+
+
 def test_image_run_writes_a_sample_grid(tmp_path):
     """The image path (digits, a small DDPM++, dequantization, uint8 stream) trains and writes an image grid."""
     config = configs.get_config("vp_digits")
@@ -460,8 +487,8 @@ def test_training_package_never_imports_evaluation():
 class _SignalAt:
     """A training callback that sends `signum` to this process at step `at`, as a cluster or Ctrl-C would."""
 
-    def __init__(self, at: int, signum: int):
-        self.every, self.at, self.signum, self.steps = 1, at, signum, []
+    def __init__(self, at: int, signum: int, every: int = 1):
+        self.every, self.at, self.signum, self.steps = every, at, signum, []
 
     def __call__(self, event):
         self.steps.append(event.step)
