@@ -79,19 +79,20 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
     # processes gather the result: the samples do not depend on the number of processes.
     info = distributed.current_info()
     mine = distributed.my_share(len(sizes), info)
-    saved, reused_seconds = None, 0.0
+    saved, reused = None, {}
     if journal is not None and info.world_size == 1:
         header = {**journal[1], "sizes": sizes, "shape": list(shape), "device": device.type, **accel}
         saved = ArrayJournal.open(journal[0], header)
-        if saved.done:
-            print(f"resuming from {saved.folder}: {len(saved.done)} of {len(sizes)} batches done")
+        # every saved batch is read and checked before any sampling (a damaged one is refused now, not later)
+        reused = {index: _saved_batch(saved, index, (sizes[index],) + shape) for index in mine if index in saved.done}
+        if reused:
+            print(f"resuming from {saved.folder}: {len(reused)} of {len(sizes)} batches done")
     desc = f"sampling {batches_label([sizes[index] for index in mine])} ({solver}, NFE budget {nfe} per batch)"
     with torch.no_grad(), nfe_bar(nfe * len(mine), desc, progress and info.is_main) as bar:
         counted = ProgressScore(score_fn, bar)  # one tick per score evaluation, all batches on one bar
         for index in mine:
-            if saved is not None and index in saved.done:
-                chunks[index], nfes[index], seconds = _saved_batch(saved, index, (sizes[index],) + shape)
-                reused_seconds += seconds
+            if index in reused:
+                chunks[index], nfes[index], _ = reused[index]
                 bar.update(nfe)
                 continue
             batch_start = time.time()
@@ -104,7 +105,7 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
                 saved.record(index, samples=chunks[index].numpy(), nfe=np.array(nfes[index]),
                              seconds=np.array(time.time() - batch_start))
     if timing is not None:
-        timing["reused_seconds"] = reused_seconds
+        timing["reused_seconds"] = sum(seconds for _, _, seconds in reused.values())
     return torch.cat(distributed.gather_indexed(chunks, info)), distributed.gather_indexed(nfes, info)
 
 

@@ -520,15 +520,18 @@ def test_a_killed_sampling_run_resumes_from_its_saved_batches(tmp_path, monkeypa
     facts = json.loads(open(resumed[:-len(".npz")] + ".json").read())
     assert facts["seconds"] >= round(saved_seconds, 3) > 0  # the time of the reused batches is counted
 
-    # a damaged batch file: one line, the folder left for the user to delete
+    # a damaged batch file: one line before any sampling (batch 0 is still to draw), the folder left to delete
     _run_killed_after(monkeypatch, batch_journal.ArrayJournal, 2, [*argv, "--workdir", killed])
+    index = json.loads(open(os.path.join(folder, "journal.json")).read())
+    open(os.path.join(folder, "journal.json"), "w").write(json.dumps({**index, "done": [1]}))
+    calls.clear()
     batch = os.path.join(folder, "batch_1.npz")
     for damage, reason in [(lambda: np.savez(batch, samples=np.zeros((3, 2), np.float32), nfe=np.array(4)),
                             "does not hold float32 samples"),
                            (lambda: open(batch, "r+b").truncate(100), "BadZipFile")]:
         damage()
         capsys.readouterr()
-        assert main.main([*argv, "--workdir", killed]) == 2
+        assert main.main([*argv, "--workdir", killed]) == 2 and not calls
         err = capsys.readouterr().err
         assert "Traceback" not in err and "cannot resume from" in err and reason in err, err
 
