@@ -6,8 +6,7 @@ reported in nats/dim and bits/dim without dequantization; for the analytic mixtu
 -log p_eps of the same points is reported next to it. The report is printed and written atomically as JSON to
 `WORKDIR/likelihood/likelihood_{split}[_h<hash>].json`, one file per setting: the hash appears when a setting
 that changes the result (config.likelihood, --num_batches, seed, the data set and data.path) differs from the
-config's defaults
-(evaluation/outputs.py); the settings are recorded in the report. Each finished batch is saved next to it in
+config's defaults (evaluation/outputs.py); the settings are recorded in the report. Each finished batch is saved in
 `likelihood_{split}[_h<hash>].json.partial` (evaluation/batch_journal.py): the same command run again after a
 kill resumes from the batches done (single process; under torchrun every process starts over).
 """
