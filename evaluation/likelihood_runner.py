@@ -363,6 +363,7 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device,
     from training.checkpoint import checkpoint_path, stored_digest
     from training.device import strict_float32
 
+    weights = stored_digest(checkpoint_path(workdir))  # read again after loading: the loaded bytes are these
     run = load_run(workdir, device, config=config)  # parameters frozen: the divergence needs grads w.r.t. x only
     sde, step = run.sde, run.step
     score_fn, bound_score_fn = likelihood_score_fns(config, sde, run.model)
@@ -370,9 +371,10 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device,
     with strict_float32():  # no TF32 convolutions/matmuls on GPUs: the likelihood stays float32
         path, settings = journal
         header = {"settings": settings, "split": split, "step": None if step is None else int(step),
-                  "weights": stored_digest(checkpoint_path(workdir)),  # the same step of another run differs
+                  "weights": weights,  # the same step of another run differs
                   "device": device.type}  # GPU and CPU numbers differ in the last digits: not mixed
+        unchanged = weights == stored_digest(checkpoint_path(workdir))  # no trainer replaced it while it loaded
         report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn,
-                          journal=(path, header))
+                          journal=(path, header) if unchanged else None)
     report["score"] = "continuous" if likelihood_continuous(config) else "discrete"
     return report, step

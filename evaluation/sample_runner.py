@@ -190,11 +190,13 @@ def sample_from_run(config, workdir: str, args, journal_folder: str | None = Non
     With `journal_folder` every finished batch is saved there and an earlier run's batches of the same
     checkpoint and settings are reused (remove it with `finish_journal` once the results are written).
     """
+    from training.checkpoint import checkpoint_path, stored_digest
     from training.device import get_device
 
     solver, nfe, num_samples = _requested(config, args)
     seed = int(config.seed)
     device = get_device(config)
+    weights = stored_digest(checkpoint_path(workdir))  # read again after loading: the loaded bytes are these
     if (getattr(args, "class_label", None) is None and getattr(args, "guidance", None) in (None, "none")
             and getattr(args, "guidance_scale", None) is None):
         sde, score_fn, step = load_score_fn(config, workdir, device)
@@ -204,11 +206,9 @@ def sample_from_run(config, workdir: str, args, journal_folder: str | None = Non
 
         sde, score_fn, step, guidance = guided_score_fn(config, workdir, device, args)
     journal = None
-    if journal_folder is not None:
-        from training.checkpoint import checkpoint_path, stored_digest
-
+    if journal_folder is not None and weights == stored_digest(checkpoint_path(workdir)):  # not replaced meanwhile
         header = {"solver": solver, "nfe": int(nfe), "seed": seed, "step": None if step is None else int(step),
-                  "weights": stored_digest(checkpoint_path(workdir)),  # the same step of another run differs
+                  "weights": weights,  # the same step of another run differs
                   "settings": sampling_settings(config, solver, num_samples), "guidance": guidance}
         if guidance.get("guidance") == "classifier":  # a retrained classifier changes the samples too
             from training.classifier import classifier_path

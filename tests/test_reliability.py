@@ -633,3 +633,28 @@ def test_hostile_journal_contents_are_refused_in_one_line_and_nan_results_resume
     open(os.path.join(folder, "journal.json"), "w").write('{"header": {}, "done": [Infinity]}')
     with pytest.raises(UserError, match="cannot resume from"):
         batch_journal.ArrayJournal.open(folder, {})
+
+
+def test_no_journal_when_the_checkpoint_is_replaced_while_it_loads(tmp_path, monkeypatch):
+    """A trainer writing a new checkpoint while sample / likelihood load it: which weights were loaded is not
+    known, so their batches are not saved for a resume (the run itself completes)."""
+    import evaluation.run
+    from evaluation import batch_journal, sample_runner
+
+    workdir = str(tmp_path / "run")
+    _write_checkpoint(workdir, seed=1)
+    saved = []
+    for journal_class in (batch_journal.ArrayJournal, batch_journal.BatchJournal):
+        monkeypatch.setattr(journal_class, "record", lambda self, *args, **kwargs: saved.append(args))
+
+    def then_replace(load, seed):
+        def loading(*args, **kwargs):
+            loaded = load(*args, **kwargs)
+            _write_checkpoint(workdir, seed=seed)  # the trainer's next snapshot lands meanwhile
+            return loaded
+        return loading
+
+    monkeypatch.setattr(sample_runner, "load_score_fn", then_replace(sample_runner.load_score_fn, 2))
+    assert main.main([*SAMPLE, "--workdir", workdir]) == 0 and not saved
+    monkeypatch.setattr(evaluation.run, "load_run", then_replace(evaluation.run.load_run, 3))
+    assert main.main([*LIKELIHOOD, "--workdir", workdir]) == 0 and not saved
