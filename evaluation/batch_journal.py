@@ -12,6 +12,7 @@ uninterrupted one. `finish()` removes the journal once the final report is writt
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,33 @@ from validation import describe_read_error
 JOURNAL_SUFFIX = ".partial"  # next to the report: likelihood_test.json.partial (not matched by *.json)
 
 
+@contextlib.contextmanager
+def _journal_errors(path: str, remedy: str):
+    """Whatever is wrong with a journal's contents becomes one line naming it (no traceback)."""
+    try:
+        yield
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as error:
+        raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; {remedy}") from None
+
+
+def _read_journal(path: str, header: dict, name: str) -> dict | None:
+    """The JSON journal at `path` when it was written for `header`; None when there is none or it was written for
+    other weights or settings (a note names `name`). Damaged contents raise (see `_journal_errors`)."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    if not isinstance(saved, dict):
+        raise ValueError("not a journal")
+    saved_header = saved.get("header")
+    if saved_header != json.loads(json.dumps(header)):  # compared as JSON (tuples become lists)
+        step = saved_header.get("step") if isinstance(saved_header, dict) else None
+        print(f"note: {name} was saved for other weights or settings (checkpoint step {step}; now step "
+              f"{header.get('step')}); starting over")
+        return None
+    return saved
+
+
 class BatchJournal:
     """Done batches {index: entry} of one evaluation and where they are saved."""
 
@@ -37,19 +65,12 @@ class BatchJournal:
         """The journal at `path` when it was written for `header`, else an empty one (a note says why).
 
         `check_entry(index, entry)` raises ValueError for an entry that does not fit batch `index`."""
-        if not os.path.exists(path):
-            return cls(path, header)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-            if not isinstance(saved, dict) or not isinstance(saved.get("batches"), dict):
-                raise ValueError("no 'batches' table")
-            saved_header = saved.get("header")
-            if saved_header != json.loads(json.dumps(header)):  # compared as JSON (tuples become lists)
-                step = saved_header.get("step") if isinstance(saved_header, dict) else None
-                print(f"note: {path} was saved for other weights or settings (checkpoint step {step}; now "
-                      f"step {header.get('step')}); starting over, it is replaced batch by batch")
+        with _journal_errors(path, "delete the file to start over"):
+            saved = _read_journal(path, header, path)
+            if saved is None:
                 return cls(path, header)
+            if not isinstance(saved.get("batches"), dict):
+                raise ValueError("no 'batches' table")
             done = {}
             for key, entry in saved["batches"].items():
                 index = int(key)
@@ -58,9 +79,6 @@ class BatchJournal:
                 if check_entry is not None:
                     check_entry(index, entry)
                 done[index] = entry
-        except (OSError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as error:
-            raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "
-                            "delete the file to start over") from None
         return cls(path, header, done)
 
     def record(self, index: int, entry: dict) -> None:
@@ -88,19 +106,11 @@ class ArrayJournal:
     def open(cls, folder: str, header: dict) -> "ArrayJournal":
         """The batches listed in `folder` for `header`, else an empty journal (a note says why)."""
         path = os.path.join(folder, cls.INDEX_FILE)
-        if not os.path.exists(path):
-            return cls(folder, header)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-            done = [int(i) for i in saved["done"]]
-            if saved["header"] != json.loads(json.dumps(header)):
-                print(f"note: {folder} was saved for other weights or settings (checkpoint step "
-                      f"{saved['header'].get('step')}; now step {header.get('step')}); starting over")
+        with _journal_errors(path, "delete the folder to start over"):
+            saved = _read_journal(path, header, folder)
+            if saved is None:
                 return cls(folder, header)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as error:
-            raise UserError(f"cannot resume from {path}: {' '.join(str(error).split())[:160]}; "
-                            "delete the folder to start over") from None
+            done = [int(i) for i in saved["done"]]
         return cls(folder, header, done)
 
     def load(self, index: int) -> dict[str, np.ndarray]:
