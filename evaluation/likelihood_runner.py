@@ -55,10 +55,10 @@ def likelihood_score_fns(config, sde, model):
 def check_likelihood_choices(config) -> None:
     """likelihood.method, error_norm and divergence name things the likelihood knows (one line, before work)."""
     from likelihood.divergence import DIVERGENCES
-    from likelihood.ode import ERROR_NORMS, torchdiffeq_methods
+    from likelihood.ode import ERROR_NORMS, step_free_methods
 
     lk = config.likelihood
-    for key, valid in (("method", torchdiffeq_methods()), ("error_norm", ERROR_NORMS), ("divergence", DIVERGENCES)):
+    for key, valid in (("method", step_free_methods()), ("error_norm", ERROR_NORMS), ("divergence", DIVERGENCES)):
         value = lk[key]  # every config has them (saved ones get new keys from the defaults)
         if value not in valid:
             raise UserError(f"likelihood.{key} must be one of {', '.join(valid)}; got {value!r}")

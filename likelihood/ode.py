@@ -45,8 +45,21 @@ def torchdiffeq_methods() -> list[str]:
     return sorted(m for m in SOLVERS if m != "scipy_solver") + [SCIPY_METHOD]
 
 
+def fixed_grid_methods() -> list[str]:
+    """torchdiffeq's fixed-step integrators: they need options={"step_size": h} (or a grid_constructor)."""
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    return sorted(m for m, solver in SOLVERS.items() if issubclass(solver, FixedGridODESolver))
+
+
+def step_free_methods() -> list[str]:
+    """Integrators `log_likelihood` runs without torchdiffeq options (adaptive ones and scipy_rk45): the CLI's choice."""
+    return [m for m in torchdiffeq_methods() if m not in fixed_grid_methods()]
+
+
 def _check_inputs(sde: SDE, x: torch.Tensor, eps: float, method: str, rtol: float, atol: float,
-                  divergence: str, n_probes: int) -> None:
+                  divergence: str, n_probes: int, options: dict | None) -> None:
     if not isinstance(x, torch.Tensor):
         raise UserError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -59,6 +72,10 @@ def _check_inputs(sde: SDE, x: torch.Tensor, eps: float, method: str, rtol: floa
         raise UserError(f"eps must lie in (0, T={sde.T}), got {eps}")
     if method not in torchdiffeq_methods():
         raise UserError(f"unknown ODE method {method!r}; valid: {', '.join(torchdiffeq_methods())}")
+    if method in fixed_grid_methods() and not {"step_size", "grid_constructor"} & set(options or {}):
+        # torchdiffeq's grid would be [eps, T] alone: one step over the whole interval, a meaningless number.
+        raise UserError(f"ODE method {method!r} takes fixed steps: give options={{'step_size': h}} (or a "
+                        f"grid_constructor), or use an adaptive method ({', '.join(step_free_methods())})")
     if not (rtol > 0 and atol > 0):
         raise UserError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
     if divergence not in DIVERGENCES:
@@ -127,7 +144,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
     log p to the tolerance per data dimension (`per_dim_norm`), "max_rms" is torchdiffeq's norm for the
     state (x, delta), "joint_rms" scipy's (`joint_rms_norm`); scipy_rk45 always uses scipy's.
     """
-    _check_inputs(sde, x, eps, method, rtol, atol, divergence, n_probes)
+    _check_inputs(sde, x, eps, method, rtol, atol, divergence, n_probes, options)
     options = _with_norm(options, method, error_norm, x[0].numel())
     prior_logp = sde.prior_logp if prior_logp is None else prior_logp
     score = CountingScore(score_fn)
@@ -198,10 +215,19 @@ def _with_norm(options: dict | None, method: str, error_norm: str, num_dims: int
 
 
 def _integrate_torchdiffeq(fn, x, start, end, method, rtol, atol, options):
-    """Joint (x, delta) integration from start to end with torchdiffeq, state kept on x's device."""
+    """Joint (x, delta) integration from start to end with torchdiffeq, state kept on x's device.
+
+    The score is only ever evaluated in [start, end]: adaptive steps land exactly on `end` (`step_t`) instead of
+    overshooting it and interpolating back, and torchdiffeq's initial-step probe at start + h0 (Hairer's
+    heuristic, which can reach far past `end` when the field starts slow) is clamped to `end`. A network is
+    only trained on [eps, T]; VE's sigma(t) overflows float32 beyond it.
+    """
 
     def ode(t, state):
-        return fn(state[0], t)
+        return fn(state[0], t.clamp(start, end))
+
+    if method in ADAPTIVE_METHODS and not {"step_t", "jump_t"} & set(options or {}):
+        options = {**(options or {}), "step_t": torch.tensor([end], dtype=torch.float64)}
 
     state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     times = torch.tensor([start, end], dtype=x.dtype, device=x.device)

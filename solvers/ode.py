@@ -60,11 +60,12 @@ def solve_pf_ode(sde: SDE, score_fn, x: torch.Tensor, t_start: float, t_end: flo
     velocity = pf_ode_drift(sde, counter)
     # Integrate in tau = |t - t_start| (forward for torchdiffeq in both directions) and make adaptive methods
     # land exactly on the end (`step_t`): their stages then never leave [eps, T], where the SDE is defined.
+    # torchdiffeq's initial-step probe at tau = h0 can (Hairer's heuristic, slow fields): it is clamped to the end.
     sign = 1.0 if t_end >= t_start else -1.0
     length = abs(t_end - t_start)
 
     def func(tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return sign * velocity(t_start + sign * tau, y)
+        return sign * velocity(t_start + sign * tau.clamp(0.0, length), y)
 
     if method in FIXED_STEP_COST:
         cost = FIXED_STEP_COST[method]

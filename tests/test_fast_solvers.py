@@ -118,6 +118,27 @@ def test_ddim_eta1_step_samples_the_posterior(sde):
     assert torch.allclose(x_s.var(0), var.expand(2), rtol=0.1)
 
 
+@pytest.mark.parametrize("eta", [0.5, 0.8])
+def test_ddim_intermediate_eta_step_is_eq_12(eta):
+    """One step t -> s at 0 < eta < 1 (DDIM eq. 12): mean alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat and variance
+    c^2 = eta^2 times the eta = 1 posterior variance (a noise std linear in eta, not in eta^2, would fail)."""
+    sde = VPSDE()
+    score_fn = toy_mixture("ring2d").score_fn(sde)
+    n, s = 20000, 0.25
+    x_t = torch.tensor([[0.7, -0.4]], dtype=torch.float64).expand(n, 2).contiguous()
+    x_s, _ = SAMPLERS["ddim"](sde, score_fn, x_t.shape, nfe=1, eps=s, x_T=x_t, generator=torch.Generator().manual_seed(2),
+                              eta=eta)
+    tt, ss = torch.tensor(sde.T, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+    a_t, sig_t, a_s, sig_s = sde.mean_coeff(tt), sde.marginal_std(tt), sde.mean_coeff(ss), sde.marginal_std(ss)
+    eps_hat = -sig_t * score_fn(x_t[:1], tt.expand(1))
+    x0_hat = (x_t[:1] - sig_t * eps_hat) / a_t
+    posterior_var = sig_s ** 2 * (1 - (a_t / a_s) ** 2 * sig_s ** 2 / sig_t ** 2)  # eta = 1 (DDIM eq. 16)
+    c2 = eta ** 2 * posterior_var
+    mean = a_s * x0_hat + (sig_s ** 2 - c2).sqrt() * eps_hat
+    assert torch.allclose(x_s.mean(0), mean[0], atol=4 * c2.sqrt().item() / math.sqrt(n))
+    assert torch.allclose(x_s.var(0), c2.expand(2), rtol=0.06)
+
+
 @pytest.fixture(scope="module")
 def ring_reference():
     """Fine rk4 solve (torchdiffeq, 200 steps; error ~1e-6) of the VP PF-ODE from fixed x_T on the ring."""

@@ -171,6 +171,8 @@ CASES = [
     ("likelihood_error_norm_unknown", LIKELIHOOD, ["--config.likelihood.error_norm=l2"], "likelihood.error_norm",
      None),
     ("likelihood_method_unknown", LIKELIHOOD, ["--config.likelihood.method=rk45"], "likelihood.method", None),
+    # a fixed-step method would take one step over [eps, T] (the CLI has no step size to give it)
+    ("likelihood_method_fixed_step", LIKELIHOOD, ["--config.likelihood.method=rk4"], "likelihood.method", None),
     ("likelihood_divergence_unknown", LIKELIHOOD, ["--config.likelihood.divergence=hutchplus"],
      "likelihood.divergence", None),
     ("likelihood_batch_zero", LIKELIHOOD, ["--config.likelihood.batch_size=0"], "likelihood.batch_size", None),

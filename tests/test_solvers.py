@@ -229,6 +229,20 @@ def test_langevin_corrector_step_size_follows_snr():
     assert torch.allclose(mean, x + step * s) and torch.allclose(out, mean + torch.sqrt(2 * step) * z)
 
 
+def test_langevin_corrector_on_vp_scales_the_step_by_alpha_i():
+    """Alg. 5 (VP): the Langevin step carries alpha_i = 1 - beta_i of DDPM's chain at i = int(t (N - 1) / T)."""
+    g = torch.Generator().manual_seed(4)
+    x, s, z = (torch.randn(32, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    sde, t = VPSDE(), 0.37
+    corrector = CORRECTORS["langevin"](sde, lambda y, tt: s, corrector_steps=1, snr=0.16)
+    out, mean = corrector.update(x, torch.tensor(t, dtype=torch.float64), lambda: z)
+    betas = torch.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N, dtype=torch.float64)
+    alpha = 1 - betas[int(t * (sde.N - 1) / sde.T)]
+    step = 2 * alpha * (0.16 * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
+    assert alpha < 0.995  # far enough from 1 that alpha_i = 1 would fail below
+    assert torch.allclose(mean, x + step * s, rtol=1e-12) and torch.allclose(out, mean + torch.sqrt(2 * step) * z)
+
+
 def test_ald_corrector_step_is_the_reference_formula():
     """pc's `ald` corrector: step 2 alpha_i (snr sigma(t))^2, x <- x + step s + sqrt(2 step) z (the score SDE code's
     AnnealedLangevinDynamics), alpha_i = 1 - beta_i at i = int(t (N - 1) / T) for VP, 1 for VE."""
@@ -287,6 +301,26 @@ def test_ncsn_ald_sampler_is_song_and_ermon_step():
 
 
 # --- probability-flow ODE -------------------------------------------------------------------------------
+@pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(0.01, 50.0)], ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("direction", ["decode", "encode"])
+def test_pf_ode_evaluates_the_score_only_inside_eps_T(sde, direction):
+    """torchdiffeq's first-step probe used to reach t = -21 (VP decode) and t = 41 (VE encode): a network is only
+    trained on [eps, T] and a float32 VE sigma(t) overflows outside it. Every call must stay in [eps, T]."""
+    mixture = toy_mixture("ring2d")
+    exact, times = mixture.score_fn(sde), []
+
+    def recording_score(x, t):
+        times.append(t.reshape(-1).double())
+        return exact(x, t)
+
+    points = (mixture.sample(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+              if direction == "encode" else sde.prior_sampling((256, 2), generator=torch.Generator().manual_seed(0),
+                                                               dtype=torch.float64))
+    getattr(solvers, direction)(sde, recording_score, points, eps=EPS)
+    seen = torch.cat(times)
+    assert seen.min() >= EPS - 1e-12 and seen.max() <= sde.T + 1e-12, (seen.min().item(), seen.max().item())
+
+
 @pytest.mark.parametrize("sde", [VPSDE(), subVPSDE(), VESDE(0.01, 20.0)], ids=["vp", "subvp", "ve"])
 def test_pf_ode_encode_decode_roundtrip(sde):
     mixture = toy_mixture("ring2d")
