@@ -19,7 +19,9 @@ from typing import Any, BinaryIO, Callable
 from errors import UserError
 
 TEMP_PREFIX = ".tmp_"
-_TEMP_NAME = re.compile(r"^\.tmp_(\d+)_")
+# What this module's writers create: prefix, writer pid, "_", mkstemp's 8 random characters (after "probe_" for the
+# folder probe of validation.py), the target's extension. Other files, even named .tmp_*, are the user's.
+_TEMP_NAME = re.compile(r"^\.tmp_(\d+)_(?:probe_)?[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?$")
 
 
 def _umask_mode() -> int:
@@ -135,10 +137,8 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        if not name.startswith(TEMP_PREFIX):
-            continue
-        match = _TEMP_NAME.match(name)  # names without a pid are from writers older than this module
-        if match is not None and (int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1)))):
+        match = _TEMP_NAME.match(name)
+        if match is None or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
             continue
         full = os.path.join(folder, name)
         if os.path.isfile(full):

@@ -134,6 +134,11 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
         for key in ("rtol", "atol"):  # optional (None: the solver's default)
             if s.get(key) is not None:
                 check_real(f"sampling.{key}", s[key], 0.0, 1.0, lo_open=True)
+        for key in ("s_churn", "s_tmin", "s_noise"):  # edm_stochastic's (None: its default)
+            if s.get(key) is not None:
+                check_real(f"sampling.{key}", s[key], 0.0)
+        if s.get("s_tmax") is not None and not _number("sampling.s_tmax", s.s_tmax) >= 0:  # inf allowed, NaN not
+            raise UserError(f"sampling.s_tmax must be a number >= 0 (inf allowed), got {s.s_tmax!r}")
         if s.get("method") is not None and not isinstance(s.method, str):
             raise UserError(f"sampling.method must be a method name (e.g. dopri5, rk4, RK45, euler), got {s.method!r}")
     ev = config.get("eval")

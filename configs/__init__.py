@@ -27,10 +27,27 @@ def _tuples(tree):
     return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
 
 
-def _merge(base: dict, saved: dict) -> dict:
+def _kind(value) -> str:
+    """The kind of a config value that must agree between a saved config and the defaults."""
+    if isinstance(value, dict):
+        return "a section"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "text" if isinstance(value, str) else "other"
+
+
+def _merge(base: dict, saved: dict, source: str, prefix: str = "") -> dict:
     merged = dict(base)
     for key, value in saved.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        default = base.get(key)
+        if default is not None and value is not None and {_kind(default), _kind(value)} & {
+                "a section", "true/false", "text"} and _kind(default) != _kind(value):
+            raise ConfigError(f"{source}: {prefix}{key} must be {_kind(default)} (as in the defaults), got {value!r}"
+                              [:300])
+        merged[key] = (_merge(default, value, source, f"{prefix}{key}.") if isinstance(value, dict)
+                       and isinstance(default, dict) else value)
     return merged
 
 
@@ -47,7 +64,7 @@ def config_from_json(text: str, source: str = "config") -> ml_collections.Config
         raise ConfigError(f"{source} is not valid JSON: {str(error).splitlines()[0][:200]}") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{source} is not a JSON object of config sections")
-    return ml_collections.ConfigDict(_merge(get_default_config().to_dict(), _tuples(saved)))
+    return ml_collections.ConfigDict(_merge(get_default_config().to_dict(), _tuples(saved), source))
 
 
 def load_json_config(path: str) -> ml_collections.ConfigDict:

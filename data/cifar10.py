@@ -61,6 +61,17 @@ def safe_pickle_load(handle) -> object:
     return SafeUnpickler(handle, encoding="bytes").load()
 
 
+def _class_labels(raw, path: str, key: str) -> np.ndarray:
+    """CIFAR-10's labels as int64, refused in one line unless they are integers 0..9."""
+    labels = np.asarray(raw)
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"CIFAR-10 file {path!r}: labels {key} must be integers 0..9, got dtype {labels.dtype}")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise UserError(f"CIFAR-10 file {path!r}: labels {key} must lie in 0..9, found {int(labels.min())}.."
+                        f"{int(labels.max())}")
+    return labels.astype(np.int64)
+
+
 def _read_pickle_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as handle:
@@ -73,14 +84,14 @@ def _read_pickle_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
                         f"{type(error).__name__}: {str(error)[:120]}") from None
     try:
         data = np.asarray(batch[b"data"])
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        labels = np.asarray(batch[b"labels"])
     except (KeyError, TypeError, ValueError, IndexError) as error:
         raise UserError(f"CIFAR-10 batch {path!r} is not a CIFAR-10 python pickle "
                         f"(expected a dict with b'data' (N, 3072) uint8 and b'labels'): {error}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
         raise UserError(f"CIFAR-10 batch {path!r}: expected b'data' of shape (N, 3072) uint8 and N labels, "
                         f"got {data.shape} {data.dtype} and {len(labels)} labels")
-    return data.reshape(-1, 3, 32, 32), labels  # rows are R, G, B planes of 32x32
+    return data.reshape(-1, 3, 32, 32), _class_labels(labels, path, "b'labels'")  # rows are R, G, B planes of 32x32
 
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +109,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"npz file {path!r}: expected x of shape (N, 32, 32, 3) uint8, got {x.shape} {x.dtype}")
     if y.shape != (x.shape[0],):
         raise UserError(f"npz file {path!r}: expected y of shape ({x.shape[0]},), got {y.shape}")
-    return x.transpose(0, 3, 1, 2), y.astype(np.int64)
+    return x.transpose(0, 3, 1, 2), _class_labels(y, path, "y")
 
 
 def _pickle_folder(path: str) -> str | None:

@@ -1,7 +1,6 @@
 """Image-set helpers: uint8 checks, uniform dequantization, random flips, and an image-folder loader."""
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
@@ -52,6 +51,24 @@ def _center_square(image):
     return image.crop((left, top, left + side, top + side))
 
 
+def list_image_files(root: str) -> list[str]:
+    """The image files under `root`, recursively and sorted: the one listing the loader and the FID statistics'
+    fingerprint both use. Symbolic links to folders are followed once (a folder reached twice, e.g. through a
+    link to a parent, is skipped); hidden files and folders (names starting with '.') are left out."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        files.extend(os.path.join(folder, name) for name in names
+                     if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+                     and os.path.isfile(os.path.join(folder, name)))
+    return sorted(files)
+
+
 def load_image_folder(path: str, image_size: int, num_channels: int = 3, limit: int | None = None) -> np.ndarray:
     """Every image file under `path` (recursively, sorted), center-cropped to a square and resized:
     (N, C, image_size, image_size) uint8 with C = 3 (RGB) or 1 (grayscale)."""
@@ -62,8 +79,7 @@ def load_image_folder(path: str, image_size: int, num_channels: int = 3, limit: 
                         f"({', '.join(IMAGE_EXTENSIONS)}), set with --config.data.path=DIR")
     if num_channels not in (1, 3):
         raise UserError(f"image folders load as 1 (grayscale) or 3 (RGB) channels, got data.num_channels={num_channels}")
-    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(f))
+    files = list_image_files(path)
     if limit is not None:
         files = files[:limit]
     if not files:
@@ -77,7 +93,9 @@ def load_image_folder(path: str, image_size: int, num_channels: int = 3, limit: 
                 if image.size != (image_size, image_size):
                     image = image.resize((image_size, image_size), Image.BICUBIC)
                 array = np.asarray(image, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as error:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # PIL's ways to fail on damage
             raise UserError(f"cannot read image {name!r}: {error}") from None
+        except Image.DecompressionBombError as error:  # larger than PIL's pixel limit (possibly a hostile file)
+            raise UserError(f"image {name!r} is too large to read safely: {error}") from None
         out[k] = array[None] if num_channels == 1 else array.transpose(2, 0, 1)
     return out

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import re
-import zipfile
 
 import numpy as np
 
@@ -117,9 +116,12 @@ class ArrayJournal:
         """The arrays of done batch `index` (plain numeric arrays only; nothing is unpickled)."""
         path = os.path.join(self.folder, f"batch_{int(index)}.npz")
         try:
-            with np.load(path, allow_pickle=False) as archive:
+            archive = np.load(path, allow_pickle=False)
+            if not hasattr(archive, "files"):  # an .npy array in its place
+                raise ValueError("it is a single .npy array, not an npz archive")
+            with archive:
                 return {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # damaged, truncated, not an npz
+        except Exception as error:  # noqa: BLE001 -- numpy, zipfile, zlib, tokenize raise many types for damaged files
             raise UserError(f"cannot resume from {path}: {describe_read_error(error)}; "
                             f"delete {self.folder} to start over") from None
 

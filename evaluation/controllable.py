@@ -91,6 +91,14 @@ def _require_images(config, mode: str, args=None) -> tuple[int, int]:
 
 
 def _read_array(path: str, what: str) -> np.ndarray:
+    """The image or mask array of a PNG or npz file: real numbers (bool, integer or float), else one-line UserError."""
+    array = _read_file_array(path, what)
+    if array.dtype.kind not in "biuf":
+        raise UserError(f"{what} {path!r} holds {array.dtype} values; expected numbers (uint8 0..255 or floats)")
+    return array
+
+
+def _read_file_array(path: str, what: str) -> np.ndarray:
     if not path:
         raise UserError(f"{what} is missing: pass a PNG or npz file")
     if not os.path.isfile(path):

@@ -11,7 +11,7 @@ from atomic_io import write_json
 from errors import UserError
 from evaluation.image_metrics import frechet_distance_to_features, inception_features, inception_score, kid
 from evaluation.inception import build_inception, describe, resolve_weights
-from evaluation.reference_stats import reference_statistics
+from evaluation.reference_stats import check_reference_request, reference_statistics
 
 
 class ImageQuality:
@@ -21,11 +21,12 @@ class ImageQuality:
     computes the reference statistics (cached next to the data).
     """
 
-    def __init__(self, config, split: str | None = None, device: torch.device | str = "cpu", progress: bool = True):
+    def __init__(self, config, split: str | None = None, device: torch.device | str = "cpu", progress: bool = True,
+                 network: torch.nn.Module | None = None):
         self.config = config
         self.split = str(split or config.eval.split)
         weights = resolve_weights(str(config.eval.inception_weights))
-        self.network = build_inception(weights, device)
+        self.network = build_inception(weights, device) if network is None else network.to(device)
         self.inception = describe(weights)
         self.reference = reference_statistics(config, self.split, self.network, self.inception, progress)
 
@@ -61,16 +62,18 @@ class ImageMetricsCallback:
     """Training callback (training.trainer seam): FID/KID/IS of `num_samples` EMA samples every `every` steps.
 
     Samples with config.sampling's solver and NFE (seeded by config.seed: the same noise at every step) and
-    writes each report to WORKDIR/eval/fid_train_step{K}.json. The
-    weights are resolved at construction (missing weights stop `--mode train` before training, in one line);
-    the network and the reference statistics are loaded at the first call (on the main process only).
+    writes each report to WORKDIR/eval/fid_train_step{K}.json. What could fail later is checked at construction,
+    so `--mode train` stops before training, in one line: the weights are loaded into the network (on the CPU;
+    moved to the training device at the first call), the data path, split and eval.reference_num_images are
+    checked. The reference statistics are computed or loaded at the first call (on the main process only).
     """
 
     def __init__(self, config, every: int, num_samples: int, split: str | None = None):
         if int(num_samples) < 2:
             raise UserError(f"eval.fid_num_samples must be at least 2, got {num_samples}")
         self.config, self.every, self.num_samples, self.split = config, int(every), int(num_samples), split
-        resolve_weights(str(config.eval.inception_weights))
+        self.network: torch.nn.Module | None = build_inception(resolve_weights(str(config.eval.inception_weights)))
+        check_reference_request(config, str(split or config.eval.split))
         self.quality: ImageQuality | None = None
         self.last: dict[str, Any] | None = None  # the full report of the last call
 
@@ -79,7 +82,8 @@ class ImageMetricsCallback:
 
         config = event.config
         if self.quality is None:
-            self.quality = ImageQuality(config, self.split, device=event.device)
+            self.quality = ImageQuality(config, self.split, device=event.device, network=self.network)
+            self.network = None  # ImageQuality holds it now
         solver, nfe = str(config.sampling.solver), int(config.sampling.nfe)
         x, nfes = generate(config, event.sde, event.score_fn, solver, nfe, self.num_samples, int(config.seed),
                            event.device, progress=False)

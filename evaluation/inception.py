@@ -127,11 +127,12 @@ def file_sha256(path: str) -> str:
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
     """A state dict of tensors from `path` (torch.load with weights_only=True: no code runs)."""
+    from training.load_errors import describe_load_error, load_weights_only
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
     except Exception as error:  # noqa: BLE001 -- unpickling errors come in many types
-        raise UserError(f"Inception weights {path!r} are not a torch state dict of tensors "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+        raise UserError(f"Inception weights {path!r} cannot be used: {describe_load_error(error)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"Inception weights {path!r} are not a state dict of tensors")
     return state

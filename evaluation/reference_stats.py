@@ -52,19 +52,17 @@ def data_fingerprint(config, split: str) -> dict[str, Any]:
             source = str(importlib.resources.files("sklearn.datasets") / "data" / "digits.csv.gz")
             record.update(path=source, files=[_file_entry(source)], sklearn=sklearn.__version__)
         else:
-            from data.images import IMAGE_EXTENSIONS
+            from data.images import list_image_files
 
             root = os.path.abspath(str(config.data.path))
             if not os.path.isdir(root):
                 raise UserError(f"image folder {root!r} does not exist (--config.data.path=DIR)")
             digest, count = hashlib.sha256(), 0
-            for folder, _, names in sorted(os.walk(root)):
-                for item in sorted(names):
-                    if item.lower().endswith(IMAGE_EXTENSIONS):
-                        entry = _file_entry(os.path.join(folder, item))
-                        digest.update(f"{os.path.relpath(entry['path'], root)}\0{entry['size']}\0"
-                                      f"{entry['mtime_ns']}\n".encode())
-                        count += 1
+            for path in list_image_files(root):  # exactly the files the loader reads
+                entry = _file_entry(path)
+                digest.update(f"{os.path.relpath(entry['path'], root)}\0{entry['size']}\0"
+                              f"{entry['mtime_ns']}\n".encode())
+                count += 1
             record.update(path=root, num_files=count, files_sha256=digest.hexdigest())
     else:
         raise UserError(f"no reference statistics for data set {config.data.dataset!r} (image sets: digits, "
@@ -113,8 +111,8 @@ def _load_cache(npz_path: str, json_path: str, record: dict[str, Any]) -> dict[s
             return None
         with np.load(npz_path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in ("mu", "sigma", "features")}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, AttributeError):
-        return None
+    except Exception:  # noqa: BLE001 -- numpy, zipfile, zlib, json raise many types: a damaged cache is stale
+        return None  # recomputed and replaced
     d = arrays["mu"].shape[0] if arrays["mu"].ndim == 1 else -1
     if (d <= 0 or arrays["sigma"].shape != (d, d) or arrays["features"].ndim != 2
             or arrays["features"].shape[1] != d or not all(np.isfinite(a).all() for a in arrays.values())):
@@ -132,6 +130,14 @@ def load_split_images(config, split: str, count: int) -> np.ndarray:
             raise UserError(f"eval.reference_num_images={count} but the {split} split has {images.shape[0]} images")
         images = images[:count]
     return images
+
+
+def check_reference_request(config, split: str) -> None:
+    """Fail now, in one line, on what would stop the reference statistics later (data path, split, image count)."""
+    data_fingerprint(config, split)
+    requested = int(config.eval.reference_num_images)
+    if requested > 0:
+        load_split_images(config, split, requested)
 
 
 def reference_statistics(config, split: str, network: torch.nn.Module, network_info: dict[str, Any],

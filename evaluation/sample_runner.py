@@ -259,9 +259,10 @@ def output_stem(config, args, workdir: str, kind: str = "samples") -> tuple[str,
     stem = f"{kind}_{solver}_nfe{nfe}_seed{int(config.seed)}"
     label, guidance = getattr(args, "class_label", None), str(getattr(args, "guidance", None) or "none")
     if label is not None:
-        scale = getattr(args, "guidance_scale", None)
-        stem += f"_class{label}" + (f"_{guidance}{1.0 if scale is None else float(scale):g}"
-                                    if guidance != "none" else "")
+        scale = 1.0 if getattr(args, "guidance_scale", None) is None else float(getattr(args, "guidance_scale"))
+        # `:g` when it names the scale exactly (2, 0.5), else every digit: 2 and 2.0000001 are different runs
+        shown = f"{scale:g}" if float(f"{scale:g}") == scale else repr(scale)
+        stem += f"_class{label}" + (f"_{guidance}{shown}" if guidance != "none" else "")
     settings = sampling_settings(config, solver, num_samples)
     defaults = default_config(args, workdir)
     default_settings = (None if defaults is None
@@ -294,7 +295,10 @@ def run(config, workdir: str, args) -> int:
 
     check_settings(config, args, "sample", get_sde)  # also when called without main.py
     stem, settings = output_stem(config, args, workdir, "samples")
-    check_output_files([stem + ext for ext in (".npz", ".json", ".png")] + [stem + JOURNAL_SUFFIX + "/journal.json"])
+    outputs = [stem + ext for ext in (".npz", ".json", ".png")] + [stem + JOURNAL_SUFFIX + "/journal.json"]
+    if config.data.get("kind", "toy") == "image":  # the exports below: checked now, not after the sampling
+        outputs += [stem + "_nhwc.npz", stem + "_png/000000.png"]
+    check_output_files(outputs)
     group = distributed.setup(get_device(config))
     if group.world_size > 1 and get_device(config).type == "cuda":
         config.device = str(distributed.local_device(get_device(config), group))  # cuda:LOCAL_RANK

@@ -120,6 +120,8 @@ def run(config, workdir: str, args) -> int:
     progress = bool(config.training.get("progress", True))
     callbacks = build_callbacks(config, progress)
     result = train(config, workdir, callbacks=callbacks)
+    if int(os.environ.get("RANK", "0")) == 0 and result.steps_this_run == 0:
+        return 0  # the trainer said "nothing to do"; there is no loss or rate of this run to report
     if int(os.environ.get("RANK", "0")) == 0:
         rate = f", {result.steps_this_run / result.seconds:.2f} steps/s" if result.seconds > 0 else ""
         print(f"[train] step {result.step} ({result.steps_this_run} this run): training {result.seconds:.1f} s"

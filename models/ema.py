@@ -84,11 +84,15 @@ class ExponentialMovingAverage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()` output; shapes must match the current shadow weights."""
-        shadow = state["shadow_params"]
+        shadow, num_updates = state["shadow_params"], state["num_updates"]
+        if not isinstance(shadow, (list, tuple)) or not all(isinstance(a, torch.Tensor) for a in shadow):
+            raise ValueError("EMA state: shadow_params must be a list of tensors")
         if len(shadow) != len(self.shadow_params) or any(
                 a.shape != b.shape for a, b in zip(shadow, self.shadow_params)):
             raise ValueError("EMA state does not match the model's parameters")
+        if num_updates is not None and (isinstance(num_updates, bool) or not isinstance(num_updates, int)):
+            raise ValueError(f"EMA state: num_updates must be an integer or None, got {num_updates!r}")
         self.decay = float(state["decay"])
-        self.num_updates = state["num_updates"]
+        self.num_updates = num_updates
         self.shadow_params = [s.detach().clone().to(device=b.device, dtype=b.dtype)
                               for s, b in zip(shadow, self.shadow_params)]

@@ -58,8 +58,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inception_weights", default=None, help="images: local Inception weights file "
                         "(default: eval.inception_weights, else torch hub's cache)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="docs/solver_comparison", help="output prefix (.csv, .md, .png)")
+    parser.add_argument("--out", default=None, help="output prefix of the .csv, .md and .png (default: "
+                        "WORKDIR/solver_comparison with --workdir, else solver_comparison_TARGET_SDE here)")
+    parser.add_argument("--force", action="store_true", help="replace the files of an earlier comparison at --out")
     return parser.parse_args(argv)
+
+
+def check_args(args) -> list[int]:
+    """Validate the arguments before any sampling (one-line UserError); returns the NFE budgets.
+
+    Also fills in the default --out and refuses to replace an earlier comparison's files without --force.
+    """
+    from validation import check_output_files
+
+    try:
+        budgets = [int(b) for b in args.nfe.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--nfe must be comma-separated positive integers, got {args.nfe!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise UserError(f"--nfe must be comma-separated positive integers, got {args.nfe!r}")
+    if args.num_samples < 2:
+        raise UserError(f"--num_samples must be at least 2, got {args.num_samples}")
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.solvers != "all":
+        unknown = [name for name in args.solvers.split(",") if name not in SAMPLERS]
+        if unknown:
+            raise UserError(f"unknown solver {unknown[0]!r}; valid: {', '.join(available_solvers())}")
+    if args.out is None:
+        args.out = (os.path.join(args.workdir, "solver_comparison") if args.workdir
+                    else f"solver_comparison_{args.target}_{args.sde}")
+    outputs = [args.out + ext for ext in (".csv", ".md", ".png")]
+    existing = [path for path in outputs if os.path.exists(path)]
+    if existing and not args.force:
+        raise UserError(f"{existing[0]} exists (an earlier comparison): pass --force to replace it, or another --out")
+    check_output_files(outputs)
+    return budgets
+
+
+def check_rows(rows: list[dict]) -> None:
+    """At least one setting ran (else there is nothing to tabulate or plot)."""
+    if not any(row.get("nfe_used") is not None for row in rows):
+        notes = sorted({row["note"] for row in rows if row.get("note")})
+        raise UserError("no solver setting ran" + (f": {notes[0]}" if notes else ""))
 
 
 def analytic_target(name: str, sde_name: str):
@@ -234,6 +275,7 @@ def compare_images(args, config, run, budgets) -> int:
             print(f"{solver:14s} {label:10s} NFE {used:>5d} "
                   + " ".join(f"{m}={_fmt(row[m])}" for m in IMAGE_METRICS) + f"  {seconds:.1f}s", flush=True)
     total = time.time() - total
+    check_rows(rows)
     fields = ["solver", "setting", "nfe_requested", "nfe_used", *IMAGE_METRICS, "kid_std", "seconds", "note"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
@@ -257,8 +299,8 @@ def compare_images(args, config, run, budgets) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    budgets = check_args(args)
     torch.set_num_threads(args.threads)
-    budgets = [int(b) for b in args.nfe.split(",") if b]
     n = args.num_samples
     g_ref = torch.Generator().manual_seed(10_000 + args.seed)
     if args.workdir:
@@ -317,6 +359,7 @@ def main(argv=None) -> int:
             print(f"{solver:14s} {label:10s} NFE {str(row['nfe_used']):>5s} "
                   + " ".join(f"{m}={_fmt(row[m])}" for m in METRICS) + f"  {seconds:.1f}s", flush=True)
     total = time.time() - total
+    check_rows(rows)
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     table = io.StringIO(newline="")

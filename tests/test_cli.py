@@ -89,3 +89,52 @@ def test_process_exit_code_and_single_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown config 'nope'")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _compare_solvers_script():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "compare_solvers.py")
+    spec = importlib.util.spec_from_file_location("compare_solvers_cli", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--nfe", "abc"], "--nfe must be comma-separated positive integers, got 'abc'"),
+    (["--nfe", "0"], "--nfe must be comma-separated positive integers"),
+    (["--nfe", "10,-5"], "--nfe must be comma-separated positive integers"),
+    (["--num_samples", "0"], "--num_samples must be at least 2"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--solvers", "em,nosuch"], "unknown solver 'nosuch'"),
+    (["--solvers", "ald"], "no solver setting ran: solver 'ald' is not valid for VPSDE"),  # every setting refused under VP
+], ids=["nfe_text", "nfe_zero", "nfe_negative", "num_samples_zero", "threads_zero", "unknown_solver", "none_ran"])
+def test_compare_solvers_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    """Once: tracebacks from int(), matplotlib, torch.multinomial or set_num_threads, and a csv + md without png."""
+    from errors import UserError
+
+    script = _compare_solvers_script()
+    out = str(tmp_path / "cmp")
+    with pytest.raises(UserError, match=message) as error:
+        script.main(["--target", "ring2d", "--nfe", "2", "--num_samples", "20", "--out", out, *argv])
+    assert "\n" not in str(error.value) and not os.listdir(tmp_path)
+
+
+def test_compare_solvers_never_replaces_an_earlier_comparison_unless_told(tmp_path, monkeypatch):
+    """The default --out is in the run's folder (a workdir) or solver_comparison_TARGET_SDE here, never docs/;
+    a second comparison to the same prefix is refused without --force (it used to replace the first silently)."""
+    from errors import UserError
+
+    script = _compare_solvers_script()
+    monkeypatch.chdir(tmp_path)
+    argv = ["--target", "ring2d", "--solvers", "em", "--nfe", "2", "--num_samples", "20"]
+    assert script.main(argv) == 0
+    written = sorted(os.listdir(tmp_path))
+    assert written == [f"solver_comparison_ring2d_vp{ext}" for ext in (".csv", ".md", ".png")]
+    before = open(tmp_path / written[0]).read()
+    with pytest.raises(UserError, match="solver_comparison_ring2d_vp.csv exists .*--force"):
+        script.main([*argv, "--seed", "5"])
+    assert open(tmp_path / written[0]).read() == before
+    assert script.main([*argv, "--seed", "5", "--force"]) == 0
+    assert open(tmp_path / written[0]).read() != before

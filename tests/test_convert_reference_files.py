@@ -188,6 +188,30 @@ def test_a_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, capsys
     assert not marker.exists() and not os.path.exists(checkpoint_path(out))
 
 
+@pytest.mark.parametrize("damage,expected", [
+    (lambda s: s.__setitem__("step", "abc"), "'step' must be a non-negative integer, got 'abc'"),
+    (lambda s: s.__setitem__("step", -7), "'step' must be a non-negative integer, got -7"),
+    (lambda s: s["ema"].__setitem__("decay", "x"), "could not convert string to float"),
+    (lambda s: s["optimizer"].__setitem__("param_groups", [5]), "can convert"),
+    (lambda s: s["optimizer"]["state"].__setitem__(next(iter(s["optimizer"]["state"])), 5), "can convert"),
+], ids=["step_text", "step_negative", "decay_text", "group_not_a_dict", "state_not_a_dict"])
+def test_hand_made_entries_are_refused_in_one_line(tmp_path, capsys, damage, expected):
+    """Entries of the wrong type in an otherwise loadable file (before: ValueError / AttributeError tracebacks, and
+    a negative step converted "successfully" and was refused only by main.py afterwards)."""
+    config = tiny_config("ssde_ve_cifar10_ncsnpp")
+    model, optimizer, ema, step = reference_training(config, steps=1)
+    state = {"optimizer": optimizer.state_dict(), "model": model.state_dict(), "ema": ema, "step": step}
+    damage(state)
+    src, out = str(tmp_path / "hand_made.pth"), str(tmp_path / "run")
+    torch.save(state, src)
+    capsys.readouterr()
+    assert convert_main([src, "--config", "ssde_ve_cifar10_ncsnpp", "--out", out]
+                        + tiny_args("ssde_ve_cifar10_ncsnpp")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and expected in err[0], err
+    assert not os.path.exists(checkpoint_path(out))
+
+
 def test_the_allowlist_is_only_the_numpy_scalar(tmp_path):
     """A numpy array (numpy.core.multiarray._reconstruct, which the reference never saves) is refused too."""
     config = tiny_config("ssde_ve_cifar10_ncsnpp")

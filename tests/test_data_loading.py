@@ -166,3 +166,54 @@ def test_toy_and_digits_streams():
     config.data.image_size = 16
     with pytest.raises(UserError, match="8x8|16x16"):
         get_data_stream(config, 16)
+
+
+@pytest.mark.parametrize("case,labels", [("text", np.array(["cat", "dog"])), ("above_nine", np.array([3, 99])),
+                                         ("negative", np.array([-5, 1])), ("float", np.array([0.5, 1.0])),
+                                         ("nan", np.array([np.nan, 1.0]))])
+def test_cifar_npz_labels_must_be_integers_0_to_9(tmp_path, case, labels):
+    """Labels index the class embedding of conditional training: text, floats or 99 are refused in one line
+    (before: a ValueError trace, garbage integers, or an IndexError deep inside torch.embedding)."""
+    np.savez(tmp_path / "train_0.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=labels)
+    with pytest.raises(UserError, match=r"labels y must (be integers|lie in) 0\.\.9") as error:
+        load_cifar10(str(tmp_path / "train_0.npz"), "train")
+    assert "\n" not in str(error.value)
+
+
+def test_cifar_pickle_labels_must_lie_in_0_to_9(tmp_path):
+    write_pickle_folder(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "wb") as handle:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]}, handle)
+    with pytest.raises(UserError, match=r"data_batch_2.*labels b'labels' must lie in 0\.\.9, found 1\.\.10"):
+        load_cifar10(str(tmp_path), "train")
+
+
+def test_image_folder_follows_links_once_and_skips_hidden_files(tmp_path):
+    """A link to a folder is read like a folder; a link back to a parent is not read again (before: each image
+    41 times); hidden files are left out. The FID statistics' fingerprint lists exactly these files."""
+    from PIL import Image
+
+    from data.images import list_image_files
+
+    root, other = tmp_path / "images", tmp_path / "elsewhere"
+    root.mkdir()
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    for folder, name in ((root, "a.png"), (other, "b.png"), (other, "c.png"), (root, ".hidden.png")):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / name)
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    files = list_image_files(str(root))
+    assert [f[len(str(root)) + 1:] for f in files] == ["a.png", "linked/b.png", "linked/c.png"]
+    assert load_image_folder(str(root), 8).shape == (3, 3, 8, 8)
+
+
+def test_image_larger_than_pils_limit_is_one_line(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (an image past its pixel limit, possibly a hostile file) is a UserError."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,024 pixels > 2 x 100: refused as a bomb
+    with pytest.raises(UserError, match="big.png' is too large to read safely"):
+        load_image_folder(str(tmp_path), 8)

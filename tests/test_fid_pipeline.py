@@ -100,6 +100,30 @@ def test_reference_statistics_are_cached_and_invalidated(tmp_path, weights, netw
         handle.write(b"not an npz")
     fourth = reference_statistics(config, "train", network, info, progress=False)
     assert not fourth["cached"] and np.array_equal(fourth["mu"], third["mu"])
+    # so is a truncated one (a zip archive without its end: zipfile.BadZipFile, once a traceback)
+    data = open(fourth["path"], "rb").read()
+    with open(fourth["path"], "wb") as handle:
+        handle.write(data[:len(data) // 2])
+    fifth = reference_statistics(config, "train", network, info, progress=False)
+    assert not fifth["cached"] and np.array_equal(fifth["mu"], third["mu"])
+
+
+def test_fingerprint_sees_the_images_behind_a_folder_link(tmp_path, weights):
+    """The statistics' fingerprint lists the files the loader reads, links included: deleting images behind a
+    link makes the cache stale (before: os.walk did not follow links and the old statistics stayed in use)."""
+    from evaluation.reference_stats import data_fingerprint
+
+    config, folder = _folder_config(tmp_path, weights)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("0.png", "1.png"):
+        (other / name).write_bytes((folder / name).read_bytes())
+    (folder / "linked").symlink_to(other, target_is_directory=True)
+    before = data_fingerprint(config, "train")
+    assert before["num_files"] == 6
+    (other / "1.png").unlink()
+    after = data_fingerprint(config, "train")
+    assert after["num_files"] == 5 and after["files_sha256"] != before["files_sha256"]
 
 
 def test_image_quality_of_the_data_itself(tmp_path, weights):
@@ -155,8 +179,19 @@ def test_weights_files_are_checked(tmp_path):
         inception.build_inception(str(bad))
     pickled = tmp_path / "code.pth"
     torch.save({"x": object()}, pickled)  # needs unpickling of arbitrary objects: refused
-    with pytest.raises(UserError, match="not a torch state dict"):
+    with pytest.raises(UserError, match="cannot be used: it refers to (builtins.)?object, which is not among"):
         inception.load_weights(str(pickled))
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"conv.weight": Payload()}, hostile)
+    with pytest.raises(UserError, match=r"cannot be used: it refers to (posix|os)\.system") as error:
+        inception.load_weights(str(hostile))
+    assert "\n" not in str(error.value) and "weights_only" not in str(error.value) and not marker.exists()
 
 
 @pytest.mark.skipif(not os.path.isfile(inception.hub_weights_path()), reason="real Inception weights not present")
@@ -192,6 +227,26 @@ def test_training_callback_every_k_steps(tmp_path, weights, capsys):
     assert summary["metrics"]["fid"] == pytest.approx(report["fid"])
 
 
+@pytest.mark.parametrize("problem", ["truncated_weights", "too_many_reference_images"])
+def test_training_with_fid_refuses_what_would_fail_later_before_the_first_step(tmp_path, weights, capsys, problem):
+    """Both used to fail at the first FID step, after training (the steps since the last snapshot were lost)."""
+    workdir = str(tmp_path / "run")
+    bad = {"truncated_weights": [f"--config.eval.inception_weights={tmp_path / 'cut.pth'}"],
+           "too_many_reference_images": [f"--config.eval.inception_weights={weights}",
+                                         "--config.eval.reference_num_images=5000"]}[problem]
+    (tmp_path / "cut.pth").write_bytes(open(weights, "rb").read()[:100000])
+    code = main.main(["--mode", "train", "--config", "vp_digits", "--workdir", workdir,
+                      "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+                      "--config.training.n_iters=2", "--config.training.batch_size=4",
+                      "--config.training.plot_samples=0", "--config.training.progress=false",
+                      "--config.eval.fid_every=1", "--config.eval.fid_num_samples=2",
+                      f"--config.eval.stats_dir={tmp_path / 'stats'}", *bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert ("Inception weights" in err[0]) if problem == "truncated_weights" else ("5000" in err[0] and "1797" in err[0])
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # refused before any training step
+
+
 def test_compare_solvers_reports_fid_per_solver_and_nfe(tmp_path, weights):
     import importlib.util
 
@@ -213,7 +268,7 @@ def test_compare_solvers_reports_fid_per_solver_and_nfe(tmp_path, weights):
     assert "#### FID" in open(out + ".md").read()
     # without weights: the one line, naming bits/dim as the other way
     with pytest.raises(UserError, match="is not a file.*--mode likelihood"):
-        script.main(["--workdir", workdir, "--inception_weights", str(tmp_path / "none.pth"), "--out", out])
+        script.main(["--workdir", workdir, "--inception_weights", str(tmp_path / "none.pth"), "--out", out, "--force"])
 
 
 def test_inception_loads_without_torchvision(monkeypatch):

@@ -308,3 +308,22 @@ def test_sample_cli_classifier_free_guidance_end_to_end(tmp_path):
     info = json.load(open(stem + ".json"))
     assert info["guidance"] == "cfg" and info["class_label"] == 3 and info["guidance_scale"] == 2.5
     assert info["nfe_used"] == 10  # one (batched) network call per step
+
+
+def test_guidance_scales_that_differ_get_different_result_names(tmp_path):
+    """`:g` showed 2, 2.0000001 and 1.9999999 all as `cfg2`: each run replaced the last one's samples."""
+    import argparse
+    import os
+
+    import configs
+    from evaluation.sample_runner import output_stem
+
+    config = configs.get_config("vp_toy_cond")
+    stems = {}
+    for scale in (2.0, 2.0000001, 1.9999999, 0.5, None):
+        args = argparse.Namespace(config="vp_toy_cond", solver="em", nfe=4, num_samples=8, class_label=3,
+                                  guidance="cfg", guidance_scale=scale)
+        stems[scale] = os.path.basename(output_stem(config, args, str(tmp_path), "samples")[0])
+    assert len(set(stems.values())) == 5  # None is the default scale 1
+    assert "_class3_cfg2_" in stems[2.0] + "_" and "_cfg0.5" in stems[0.5] and "_cfg1" in stems[None]
+    assert "_cfg2.0000001" in stems[2.0000001] and "_cfg1.9999999" in stems[1.9999999]

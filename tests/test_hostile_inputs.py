@@ -53,6 +53,7 @@ def base(tmp_path_factory):
     np.savez(root / "empty.npz", images=np.zeros((0, 1, 8, 8), np.uint8))
     np.savez(root / "objects.npz", images=np.array([{"a": 1}, None], dtype=object))
     (root / "garbage.npz").write_bytes(rng.bytes(300))
+    np.savez(root / "strings.npz", images=np.array([["a", "b"], ["c", "d"]]))
     gray = np.ones((8, 8), np.float32)
     gray[:, 4:] = 0.3
     np.savez(root / "mask_gray.npz", mask=gray)
@@ -117,6 +118,27 @@ def _sample_npz_path(workdir):
     return output_stem(config, args, workdir, "samples")[0] + ".npz"
 
 
+def _digits_png_export_path(workdir):
+    from evaluation.sample_runner import output_stem
+
+    import argparse
+    config = _config("vp_digits", DIGITS)
+    args = argparse.Namespace(config="vp_digits", solver=None, nfe=2, num_samples=2, class_label=None,
+                              guidance=None, guidance_scale=None)
+    return output_stem(config, args, workdir, "samples")[0] + "_png"
+
+
+def _edit_config_json(workdir, **sections):
+    import json
+
+    from training.checkpoint import config_to_json
+
+    saved = json.loads(config_to_json(_config("vp_toy", TOY)))
+    saved.update(sections)
+    with open(os.path.join(workdir, "config.json"), "w") as handle:
+        json.dump(saved, handle)
+
+
 R = np.random.default_rng(1)
 SAMPLE, LIKELIHOOD, TRAIN = ("sample", "vp_toy"), ("likelihood", "vp_toy"), ("train", "vp_toy")
 INPAINT, INTERP = ("inpaint", "vp_digits"), ("interpolate", "vp_digits")
@@ -151,6 +173,9 @@ CASES = [
     ("sampling_eps_nan", SAMPLE, ["--config.sampling.eps=nan"], "sampling.eps", None),
     ("ve_eps_close_to_T", ("sample", "ve_toy"), ["--workdir", "{root}/ve_run", "--config.sampling.eps=0.99"],
      "sampling.eps", None),
+    ("s_churn_text", SAMPLE, ["--solver", "edm_stochastic", "--config.sampling.s_churn=abc"], "sampling.s_churn",
+     None),
+    ("s_tmax_nan", SAMPLE, ["--config.sampling.s_tmax=nan"], "sampling.s_tmax", None),
     ("snr_negative", SAMPLE, ["--solver", "pc", "--config.sampling.snr=-1"], "sampling.snr", None),
     ("snr_zero", SAMPLE, ["--config.sampling.snr=0"], "sampling.snr", None),
     ("sampling_batch_zero", SAMPLE, ["--config.sampling.batch_size=0"], "sampling.batch_size", None),
@@ -225,6 +250,15 @@ CASES = [
     ("inpaint_garbage_npz", INPAINT, ["--input", "{root}/garbage.npz", "--mask", "left"], "cannot read", None),
     ("mask_gray", INPAINT, ["--input", "{root}/images.npz", "--mask", "{root}/mask_gray.npz"], "only 0", None),
     ("mask_nan", INPAINT, ["--input", "{root}/images.npz", "--mask", "{root}/mask_nan.npz"], "NaN", None),
+    ("inpaint_text_npz", INPAINT, ["--input", "{root}/strings.npz", "--mask", "left"], "expected numbers", None),
+    ("mask_text_npz", INPAINT, ["--input", "{root}/images.npz", "--mask", "{root}/strings.npz"], "expected numbers",
+     None),
+    # a hand-edited config.json: sections, switches and names keep their kind
+    ("config_json_section_is_a_number", SAMPLE, [], "model must be a section", lambda w: _edit_config_json(w, model=5)),
+    ("config_json_device_is_a_number", SAMPLE, [], "device must be text", lambda w: _edit_config_json(w, device=5)),
+    # export paths are checked before sampling, not after it
+    ("png_export_path_is_a_file", ("sample", "vp_digits"), ["--num_samples", "2", "--nfe", "2"],
+     "is a file, not a folder", lambda w: _replace_file(_digits_png_export_path(w), b"x")),
 ]
 
 

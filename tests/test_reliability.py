@@ -196,12 +196,16 @@ def test_full_disk_at_the_write_keeps_earlier_outputs(earlier_run, tmp_path, cap
 def test_stale_temp_files_are_removed_at_start_live_ones_kept(earlier_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(earlier_run, workdir)
-    dead = [os.path.join(workdir, sub, ".tmp_999999999_x.npz") for sub in ("samples", "checkpoints", "likelihood")]
-    live = os.path.join(workdir, "samples", f".tmp_{os.getppid()}_live.npz")
-    for path in dead + [live]:
+    dead = [os.path.join(workdir, sub, ".tmp_999999999_k3x9_q0a.npz") for sub in ("samples", "checkpoints", "likelihood")]
+    live = os.path.join(workdir, "samples", f".tmp_{os.getppid()}_l1ve2abc.npz")
+    # the user's own files named .tmp_* are not the writers' (no pid + mkstemp's 8 characters): never deleted
+    users = [os.path.join(workdir, ".tmp_notes.txt"), os.path.join(workdir, "samples", ".tmp_mydata.npz"),
+             os.path.join(workdir, "samples", ".tmp_999999999_x.npz")]
+    for path in dead + [live] + users:
         open(path, "wb").write(b"partial")
     assert main.main([*SAMPLE, "--workdir", workdir, "--nfe", "2"]) == 0
     assert not any(os.path.exists(p) for p in dead) and os.path.exists(live)
+    assert all(os.path.exists(p) for p in users)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -633,6 +637,22 @@ def test_hostile_journal_contents_are_refused_in_one_line_and_nan_results_resume
     open(os.path.join(folder, "journal.json"), "w").write('{"header": {}, "done": [Infinity]}')
     with pytest.raises(UserError, match="cannot resume from"):
         batch_journal.ArrayJournal.open(folder, {})
+    # a batch file replaced by a bare .npy array, or an npz whose deflate stream is damaged (once: TypeError and
+    # zlib.error tracebacks)
+    journal = batch_journal.ArrayJournal(folder, {"k": 1})
+    journal.record(0, x=np.zeros(3))
+    batch = os.path.join(folder, "batch_0.npz")
+    with open(batch, "wb") as handle:
+        np.save(handle, np.zeros(3))
+    with pytest.raises(UserError, match="cannot resume from .*batch_0.npz: .*delete") as error:
+        journal.load(0)
+    assert "\n" not in str(error.value)
+    np.savez_compressed(batch, x=np.arange(10000.0))
+    data = bytearray(open(batch, "rb").read())
+    data[200:260] = bytes(60)  # inside the compressed stream (the local header is 30 bytes + the name)
+    open(batch, "wb").write(bytes(data))
+    with pytest.raises(UserError, match="cannot resume from .*batch_0.npz"):
+        journal.load(0)
 
 
 def test_no_journal_when_the_checkpoint_is_replaced_while_it_loads(tmp_path, monkeypatch):

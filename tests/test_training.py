@@ -559,3 +559,73 @@ def test_an_ignored_signal_stays_ignored_during_training():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class _FailsAt:
+    """A callback that raises at one step (an evaluation that cannot run, a bug in user code)."""
+
+    def __init__(self, step: int, every: int = 1):
+        self.step, self.every = step, every
+
+    def __call__(self, event):
+        if event.step == self.step:
+            raise RuntimeError("evaluation failed")
+        return {}
+
+
+def test_a_failing_callback_never_costs_the_steps_since_the_last_snapshot(tmp_path):
+    """Snapshots every 4 steps, a callback fails at step 6: the checkpoint holds step 6 and the run resumes there
+    (before, the work of steps 5 and 6 was lost and the failing evaluation came back on every resume)."""
+    config = tiny_config(n_iters=12)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(config, str(tmp_path), callbacks=[_FailsAt(6)])
+    assert load_checkpoint(checkpoint_path(str(tmp_path)))["step"] == 6
+    result = train(config, str(tmp_path))
+    assert result.step == 12 and result.steps_this_run == 6
+
+
+def _damaged_copy(config, source: str, target: str, edit) -> str:
+    """A copy of the run `source` whose checkpoint `edit` changed, saved with a valid checksum (so only the
+    structure is wrong: a file made by hand or by another tool)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    state = load_checkpoint(checkpoint_path(target))
+    edit(state)
+    save_checkpoint(checkpoint_path(target), state)
+    return target
+
+
+def _set_rng(state):
+    state["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+
+
+def _adam_shape(state):
+    next(iter(state["optimizer"]["state"].values()))["exp_avg"] = torch.zeros(7)
+
+
+def _ema_not_tensor(state):
+    state["ema"]["shadow_params"][0] = 5
+
+
+def _ema_without_num_updates(state):
+    del state["ema"]["num_updates"]
+
+
+@pytest.mark.parametrize("edit,modes", [(_set_rng, ("train",)), (_adam_shape, ("train",)),
+                                        (_ema_not_tensor, ("train", "sample")),
+                                        (_ema_without_num_updates, ("train", "sample"))],
+                         ids=["rng", "adam_shape", "ema_not_tensor", "ema_without_num_updates"])
+def test_checkpoint_of_wrong_structure_is_refused_in_one_line(tmp_path, capsys, edit, modes):
+    import main
+
+    config = tiny_config(n_iters=4)
+    train(config, str(tmp_path / "run"))
+    workdir = _damaged_copy(config, str(tmp_path / "run"), str(tmp_path / "bad"), edit)
+    for mode in modes:  # the run's saved config (train: two more steps)
+        capsys.readouterr()
+        extra = ["--num_samples", "4", "--nfe", "2"] if mode == "sample" else ["--config.training.n_iters=8"]
+        code = main.main(["--mode", mode, "--workdir", workdir, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint "), (mode, err)
+        assert "does not fit" in err[0] and "Traceback" not in err[0]

@@ -22,7 +22,7 @@ import torch
 
 from atomic_io import atomic_write
 from errors import UserError
-from training.load_errors import describe_load_error
+from training.load_errors import describe_load_error, describe_state_error, load_weights_only
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -191,7 +191,7 @@ def read_verified(path: str, what: str, map_location: str | torch.device = "cpu"
         raise UserError(f"no {what} at {path}")
     source = _verified_source(path, what)
     try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
+        state = load_weights_only(source, map_location)
     except Exception as error:  # torch raises many types for damaged or foreign files
         raise UserError(f"{what} {path} is corrupt or not a {what} of this toolkit: {describe_load_error(error)}"
                         ) from None
@@ -208,7 +208,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UserError(f"no checkpoint at {path}; train first with --mode train")
     source = _verified_source(path)  # checksum of the content (files from before checksums: unverified bytes)
     try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
+        state = load_weights_only(source, map_location)
     except Exception as error:  # torch raises many types for truncated or foreign files
         raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this toolkit: "
                         f"{describe_load_error(error)}; delete it to start over or point --workdir elsewhere") from None
@@ -296,9 +296,9 @@ def restore_model(config, workdir: str, device: str | torch.device, use_ema: boo
             ema = models.ExponentialMovingAverage(model, float(config.model.ema_rate))
             ema.load_state_dict(state["ema"])
             ema.copy_to(model)
-    except (RuntimeError, ValueError, KeyError) as error:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
         raise UserError(f"checkpoint {path} does not fit the network of this config "
-                        f"({str(error).splitlines()[0][:200]})") from None
+                        f"({describe_state_error(error)})") from None
     model = model.to(device)
     model.eval()
     return model, int(state["step"])

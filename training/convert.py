@@ -35,7 +35,7 @@ from torch import nn
 
 from atomic_io import write_text
 from errors import UserError
-from training.load_errors import describe_load_error
+from training.load_errors import describe_load_error, describe_state_error, load_weights_only
 
 DATAPARALLEL_PREFIX = "module."
 REFERENCE_KEYS = ("model", "ema", "optimizer", "step")
@@ -100,7 +100,7 @@ def load_reference_checkpoint(path: str) -> dict[str, Any]:
         raise UserError(f"no checkpoint file at {path}")
     try:
         with torch.serialization.safe_globals(reference_safe_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path)
     except Exception as error:  # torch raises many types for files that are not torch checkpoints
         raise UserError(f"{path} is not a readable PyTorch checkpoint: {describe_load_error(error)}") from None
     state = _plain(state)
@@ -263,7 +263,10 @@ def convert_state(source: Mapping[str, Any], config, config_name: str = "") -> t
     ema_state = map_ema(source["ema"], trainable, model, config_name)
     optimizer_state, num_opt = map_optimizer(source["optimizer"], param_names, model, config_name)
     step = source["step"]
-    step = int(step.item() if isinstance(step, torch.Tensor) else step)
+    step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step) or step < 0:
+        raise UserError(f"the checkpoint's 'step' must be a non-negative integer, got {step!r}"[:200])
+    step = int(step)
     state = {"format": FORMAT_VERSION, "model": model_state, "ema": ema_state, "optimizer": optimizer_state,
              "step": step}
     facts = {"num_tensors": len(model_state), "num_shadow": len(ema_state["shadow_params"]),
@@ -279,14 +282,19 @@ def convert_checkpoint(src: str, config, workdir: str, config_name: str = "", ov
     Afterwards `main.py --mode sample|likelihood --config <the same config> --workdir workdir` use its EMA
     weights (through `training.checkpoint.restore_model`).
     """
-    from atomic_io import write_text
     from training.checkpoint import checkpoint_path, config_to_json, save_checkpoint
 
     out = checkpoint_path(workdir)
     if os.path.exists(out) and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
     source = load_reference_checkpoint(src)
-    state, facts = convert_state(source, config, config_name)
+    try:
+        state, facts = convert_state(source, config, config_name)
+    except UserError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:  # hand-made or damaged entries
+        raise UserError(f"{src} is not a Score-SDE checkpoint this toolkit can convert: "
+                        f"{describe_state_error(error)}") from None
     state["config"] = config_to_json(config)
     unverified = unverified_settings(config, facts["checked_buffers"])
     state["converted_from"] = {"path": os.path.abspath(src), "format": "score_sde_pytorch",

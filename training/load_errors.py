@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import re
+import warnings
+from typing import Any
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "Unsupported global: GLOBAL numpy.core.multiarray._reconstruct was not an allowed global by default."
@@ -50,3 +52,21 @@ def describe_load_error(error: BaseException) -> str:
         return f"the file cannot be read ({error.strerror.lower()})"
     sentence = _first_sentence(message)
     return f"it is not a PyTorch checkpoint ({type(error).__name__}{': ' + sentence if sentence else ''})"
+
+
+def load_weights_only(source: Any, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) without torch's warnings (a raw legacy pickle prints a two-line UserWarning
+    before the load fails or succeeds; the caller reports the outcome in one line)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(source, map_location=map_location, weights_only=True)
+
+
+def describe_state_error(error: BaseException) -> str:
+    """A failed restore of a loaded state (a missing key, a wrong shape or type) as one short line."""
+    if isinstance(error, KeyError) and error.args:
+        return f"missing entry {error.args[0]!r}"
+    lines = str(error).splitlines()
+    return lines[0][:200] if lines and lines[0] else type(error).__name__

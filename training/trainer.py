@@ -26,6 +26,7 @@ from training import distributed
 from training.checkpoint import (FORMAT_VERSION, checkpoint_path, config_differences, config_to_json,
                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from training.device import get_device
+from training.load_errors import describe_state_error
 from training.logger import TrainLogger
 from training.losses import drop_labels, get_loss_fn
 from training.stop_signal import stop_on_signals
@@ -133,12 +134,22 @@ class _State:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise UserError(f"checkpoint {path} does not fit this config's network "
-                            f"({str(error).splitlines()[0][:200]})") from None
-        self.step = int(state["step"])
-        if "rng" in state:
-            set_rng_state(state["rng"])
+            _check_optimizer_state(self.optimizer)
+            self.step = int(state["step"])
+            if "rng" in state:
+                set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+            raise UserError(f"checkpoint {path} does not fit this config's network or is damaged "
+                            f"({describe_state_error(error)})") from None
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's moments have their parameter's shape (a mismatch would fail only at the first step, deep in torch)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if key in ("exp_avg", "exp_avg_sq") and (not isinstance(value, torch.Tensor) or value.shape != param.shape):
+                    raise ValueError(f"optimizer state {key!r} does not match a parameter of shape {tuple(param.shape)}")
 
 
 class TrainStep:
@@ -298,10 +309,7 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     start = state.step
     end = int(tr.n_iters) if max_steps is None else min(int(tr.n_iters), start + int(max_steps))
     ckpt = checkpoint_path(workdir)
-    if info.is_main:
-        os.makedirs(workdir, exist_ok=True)
-        write_text(os.path.join(workdir, "config.json"), config_to_json(config))
-    if start >= end:
+    if start >= end:  # config.json keeps describing the checkpoint (not this command's n_iters)
         if info.is_main:
             print(f"[train] {ckpt} is already at step {start} (training.n_iters={tr.n_iters}); nothing to do")
         return TrainResult(start, 0, math.nan, 0.0, ckpt, model=state.model)
@@ -309,6 +317,9 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     model = state.model
     train_step = TrainStep(config, sde, state, stream, device, info,
                            autocast_dtype=torch.bfloat16 if autocast_bf16 else None)
+    if info.is_main:  # only once everything the steps need was built (a bad loss name leaves no file behind)
+        os.makedirs(workdir, exist_ok=True)
+        write_text(os.path.join(workdir, "config.json"), config_to_json(config))
     log_every, snapshot_every = int(tr.log_every), int(tr.snapshot_every)
     logger = TrainLogger(workdir, start, int(tr.n_iters), enabled=info.is_main, progress=progress)
     if resumed:
@@ -368,7 +379,12 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
                 save_checkpoint(ckpt, state.to_dict(config))
             if info.is_main and callbacks_due and not stopped:  # a stopping run saves and leaves at once
                 callback_start = time.perf_counter()
-                values = _run_callbacks(callbacks, config, sde, state, device, workdir, int(tr.n_iters))
+                try:
+                    values = _run_callbacks(callbacks, config, sde, state, device, workdir, int(tr.n_iters))
+                except BaseException:
+                    if not snapshot_due:  # a failing callback (or Ctrl-C in one) never costs the steps since the last snapshot
+                        save_checkpoint(ckpt, state.to_dict(config))
+                    raise
                 if values:
                     logger.metrics(done, values)
                     metrics.update(values)
