@@ -75,6 +75,12 @@ def check_time(key: str, value: Any, T: float) -> float:
 # --- flags and config values -----------------------------------------------------------------------------------
 def validate_args(args, mode: str) -> None:
     """Check the command-line flags that take numbers (ranges, finiteness, budgets)."""
+    if mode == "likelihood":  # not silently ignored: the likelihood has its own integrator and data
+        given = [flag for flag in ("solver", "nfe", "num_samples") if getattr(args, flag, None) is not None]
+        if given:
+            raise UserError(f"--{given[0]} does not apply to --mode likelihood: it integrates the probability-flow "
+                            "ODE with likelihood.method / rtol / atol on the data of --split (and --num_batches "
+                            "of likelihood.batch_size)")
     large = bool(getattr(args, "allow_large", False))
     count_hi = None if large else MAX_COUNT
     hint = " (--allow_large lifts the upper bound)"

@@ -85,8 +85,14 @@ def get_config(name_or_path: str) -> ml_collections.ConfigDict:
             raise ConfigError(f"config file {name_or_path!r} does not exist")
         return load_json_config(name_or_path)
     if name_or_path.endswith(".py") or os.sep in name_or_path:
+        if os.path.isdir(name_or_path):
+            raise ConfigError(f"config {name_or_path!r} is a folder; expected a config name, a .py file defining "
+                              "get_config() or a run's config.json")
         if not os.path.isfile(name_or_path):
             raise ConfigError(f"config file {name_or_path!r} does not exist")
+        if not name_or_path.endswith(".py"):
+            raise ConfigError(f"config file {name_or_path!r} is neither a .py file defining get_config() nor a "
+                              ".json config")
         spec = importlib.util.spec_from_file_location("_user_config", name_or_path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

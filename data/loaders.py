@@ -134,9 +134,18 @@ class ImageStream:
         return self.batch(step), self.labels[self.indices(step)].to(self.device, non_blocking=True)
 
 
+SINGLE_SPLIT_SETS = ("digits", "image_folder")  # one set of images, which training uses: no held-out test split
+
+
 def load_image_dataset(config, split: str = "train") -> tuple[np.ndarray, np.ndarray | None]:
-    """uint8 images (N, C, H, W) and labels (or None) of config.data.dataset, checked against the config."""
+    """uint8 images (N, C, H, W) and labels (or None) of config.data.dataset, checked against the config.
+
+    digits and image folders have one split, "train" (all their images); asking for "test" is a UserError rather
+    than the training images under another name."""
     name = str(config.data.dataset).lower()
+    if name in SINGLE_SPLIT_SETS and split != "train":
+        raise UserError(f"data set {name!r} has one split, 'train' (all its images, which training uses), no "
+                        f"held-out {split!r} split: use --split train (config likelihood.split / eval.split)")
     if name == "digits":
         images, labels = load_digits_uint8()
     elif name == "cifar10":

@@ -82,10 +82,19 @@ def load_run(workdir: str, device: str | torch.device | None = None,
     return Run(workdir, config, sde, model, score_fn, step, device)
 
 
+_FIRST = ("model.name", "data.dataset", "sde.name", "data.kind")  # the differences that explain the others
+
+
 def _network_diffs(config_json: str, config) -> list[str]:
     from training.checkpoint import network_differences
 
-    return network_differences(config_json, config)
+    return sorted(network_differences(config_json, config), key=lambda d: not d.startswith(_FIRST))
+
+
+def _listed(diffs: list[str], shown: int = 4) -> str:
+    """The first `shown` differences, and how many more there are."""
+    more = len(diffs) - shown
+    return "; ".join(diffs[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 def resolve_config(config_arg: str | None, workdir: str | None, overrides: list[str],
@@ -113,7 +122,7 @@ def resolve_config(config_arg: str | None, workdir: str | None, overrides: list[
         given = configs.apply_overrides(configs.get_config(config_arg), overrides)
         diffs = _network_diffs(saved_json, given)
         if diffs:
-            raise UserError(f"--config {config_arg} does not match the run in {workdir} ({'; '.join(diffs[:4])}); "
+            raise UserError(f"--config {config_arg} does not match the run in {workdir} ({_listed(diffs)}); "
                             f"omit --config to use the run's saved config ({os.path.join(workdir, CONFIG_NAME)})")
         if mode == "train":
             return given, workdir  # the trainer checks what may change on resume
@@ -122,7 +131,7 @@ def resolve_config(config_arg: str | None, workdir: str | None, overrides: list[
     if mode != "train":
         diffs = _network_diffs(saved_json, config)
         if diffs:
-            raise UserError(f"the overrides would change the trained network of {workdir} ({'; '.join(diffs[:4])}); "
+            raise UserError(f"the overrides would change the trained network of {workdir} ({_listed(diffs)}); "
                             "only use-time settings (sampling.*, likelihood.*, eval.*, data.path, device, seed) "
                             "may change: drop them, or train a new run with --mode train --workdir NEW")
     return config, workdir

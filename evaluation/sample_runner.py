@@ -279,8 +279,13 @@ def _reference_settings(config, split: str | None) -> dict:
     image count (the toy metrics draw their own exact samples)."""
     out = {"dataset": str(config.data.dataset), "data_path": str(config.data.get("path", "") or "")}
     if config.data.get("kind", "toy") == "image":
-        out.update(split=str(split or config.eval.split),
-                   reference_num_images=int(config.eval.get("reference_num_images", 0)))
+        ev = config.eval
+        out.update(split=str(split or ev.split), reference_num_images=int(ev.get("reference_num_images", 0)),
+                   # how the metrics are computed: the Inception weights file and KID / IS settings
+                   inception_weights=os.path.abspath(os.path.expanduser(str(ev.inception_weights)))
+                   if str(ev.get("inception_weights", "") or "") else "",
+                   kid_subsets=int(ev.kid_subsets), kid_subset_size=int(ev.kid_subset_size),
+                   kid_reference_features=int(ev.kid_reference_features), isc_splits=int(ev.isc_splits))
     return out
 
 

@@ -138,3 +138,13 @@ def test_compare_solvers_never_replaces_an_earlier_comparison_unless_told(tmp_pa
     assert open(tmp_path / written[0]).read() == before
     assert script.main([*argv, "--seed", "5", "--force"]) == 0
     assert open(tmp_path / written[0]).read() != before
+
+
+def test_config_paths_that_are_not_configs(tmp_path, capsys):
+    """A folder, or a file that is neither .py nor .json, as --config: one line each (once: a misleading
+    "does not exist" and an AttributeError traceback)."""
+    (tmp_path / "train.log").write_text("not a config")
+    for path, message in ((str(tmp_path), "is a folder"), (str(tmp_path / "train.log"), "is neither a .py file")):
+        assert main.main(["--mode", "sample", "--config", path, "--workdir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

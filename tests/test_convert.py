@@ -430,10 +430,10 @@ def test_main_samples_and_computes_bits_per_dim_on_a_converted_checkpoint(tmp_pa
     common = ["--config", VE_CONT, "--workdir", workdir] + digits
     assert main.main(["--mode", "sample", "--solver", "ode_euler", "--nfe", "3", "--num_samples", "2"] + common) == 0
     fast = ["--config.likelihood.rtol=1e-2", "--config.likelihood.atol=1e-2", "--config.likelihood.num_dequant=1",
-            "--config.likelihood.batch_size=2", "--num_batches", "1"]
+            "--config.likelihood.batch_size=2", "--num_batches", "1", "--split", "train"]  # digits: one split
     assert main.main(["--mode", "likelihood"] + common + fast) == 0
     assert "bits/dim" in capsys.readouterr().out
-    assert len(glob.glob(os.path.join(workdir, "likelihood", "likelihood_test_h*.json"))) == 1
+    assert len(glob.glob(os.path.join(workdir, "likelihood", "likelihood_train_h*.json"))) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -217,3 +217,19 @@ def test_image_larger_than_pils_limit_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,024 pixels > 2 x 100: refused as a bomb
     with pytest.raises(UserError, match="big.png' is too large to read safely"):
         load_image_folder(str(tmp_path), 8)
+
+
+@pytest.mark.parametrize("name", ["digits", "image_folder"])
+def test_single_split_sets_have_no_test_split(tmp_path, name):
+    """digits and image folders are one set of images that training uses: their "test" split used to be the
+    training images under another name (bits/dim "of test images" measured on training data)."""
+    config = configs.get_config("vp_digits")
+    if name == "image_folder":
+        from PIL import Image
+
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+        config.data.update(dataset="image_folder", path=str(tmp_path))
+    assert load_image_dataset(config, "train")[0].shape[1:] == (1, 8, 8)
+    with pytest.raises(UserError, match=f"data set '{name}' has one split, 'train' .*use --split train"):
+        load_image_dataset(config, "test")
+    assert configs.get_config("vp_digits").likelihood.split == "train"

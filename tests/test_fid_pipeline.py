@@ -320,16 +320,20 @@ def test_eval_reports_against_another_split_or_data_get_other_names(tmp_path):
 
     config = configs.get_config("vp_digits")
 
-    def stem(kind, split=None, **data):
+    def stem(kind, split=None, eval_settings=None, **data):
         run = configs.get_config("vp_digits")
         run.data.update(data)
+        run.eval.update(eval_settings or {})
         args = argparse.Namespace(config="vp_digits", solver="em", nfe=10, split=split,
                                   num_samples=int(config.sampling.num_samples))
         return output_stem(run, args, str(tmp_path / "none"), kind)[0]
 
     base = stem("eval")
     assert base.endswith(f"eval_em_nfe10_seed{config.seed}")  # the config's own reference: the readable name
-    others = {stem("eval", split="test"), stem("eval", path="/elsewhere")}
-    assert len(others | {base}) == 3
+    others = {stem("eval", split="test"), stem("eval", path="/elsewhere"),
+              # how the metrics are computed (once: a report with kid_subset_size 8 replaced one with 1000)
+              stem("eval", eval_settings={"kid_subset_size": 8}), stem("eval", eval_settings={"isc_splits": 3}),
+              stem("eval", eval_settings={"inception_weights": "/weights/other.pth"})}
+    assert len(others | {base}) == 6
     assert stem("eval", split=str(config.eval.split)) == base
     assert stem("samples", path="/elsewhere") == stem("samples")

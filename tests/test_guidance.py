@@ -327,3 +327,22 @@ def test_guidance_scales_that_differ_get_different_result_names(tmp_path):
     assert len(set(stems.values())) == 5  # None is the default scale 1
     assert "_class3_cfg2_" in stems[2.0] + "_" and "_cfg0.5" in stems[0.5] and "_cfg1" in stems[None]
     assert "_cfg2.0000001" in stems[2.0000001] and "_cfg1.9999999" in stems[1.9999999]
+
+
+def test_classifier_training_is_reproducible_and_never_replaces_a_trained_one(tmp_path):
+    """Same config.seed, same classifier (its initial weights were unseeded); a second run in the same workdir is
+    refused in one line instead of silently replacing the classifier guided samples were drawn with."""
+    from training.checkpoint import read_verified
+    from training.classifier import classifier_path, train_classifier
+
+    config = configs.get_config("vp_toy")
+    config.classifier.hidden_dim, config.classifier.num_layers, config.classifier.batch_size = 16, 1, 32
+    config.device = "cpu"
+    for name in ("a", "b"):
+        train_classifier(config, str(tmp_path / name), n_iters=3)
+    first, second = (read_verified(classifier_path(str(tmp_path / n)), "classifier")["state_dict"] for n in "ab")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    before = open(classifier_path(str(tmp_path / "a")), "rb").read()
+    with pytest.raises(UserError, match="classifier.pt exists .*delete it"):
+        train_classifier(config, str(tmp_path / "a"), n_iters=3)
+    assert open(classifier_path(str(tmp_path / "a")), "rb").read() == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -162,6 +163,8 @@ CASES = [
     ("flag_not_a_number", SAMPLE, ["--nfe", "ten"], "invalid int value", None),
     ("num_frames_zero", INTERP, ["--num_frames", "0"], "--num_frames", None),
     ("num_frames_one", INTERP, ["--num_frames", "1"], "--num_frames", None),
+    ("likelihood_solver_flag", LIKELIHOOD, ["--solver", "pc"], "--solver does not apply to --mode likelihood", None),
+    ("likelihood_nfe_flag", LIKELIHOOD, ["--nfe", "5"], "--nfe does not apply to --mode likelihood", None),
     ("num_batches_zero", LIKELIHOOD, ["--num_batches", "0"], "--num_batches must be positive", None),
     ("num_batches_negative", LIKELIHOOD, ["--num_batches", "-3"], "--num_batches", None),
     # config values
@@ -240,6 +243,9 @@ CASES = [
     ("checkpoint_truncated", SAMPLE, [], "does not match the checksum",
      lambda w: _replace_file(checkpoint_path(w), open(checkpoint_path(w), "rb").read()[:-100])),
     ("checkpoint_zero_bytes", SAMPLE, [], CHECKPOINT_NAME, lambda w: _replace_file(checkpoint_path(w), b"")),
+    # a raw pickle (not torch's zip format): torch used to print a two-line UserWarning before the error
+    ("checkpoint_raw_pickle", SAMPLE, [], CHECKPOINT_NAME,
+     lambda w: _replace_file(checkpoint_path(w), pickle.dumps({"format": 1}, protocol=4))),
     ("classifier_random_bytes", SAMPLE, ["--guidance", "classifier", "--class_label", "1"], "classifier.pt",
      lambda w: _replace_file(os.path.join(w, "classifier.pt"), R.bytes(4096))),
     ("classifier_zero_bytes", SAMPLE, ["--guidance", "classifier", "--class_label", "1"], "classifier.pt",

@@ -547,7 +547,7 @@ def test_runner_image_split_bits_per_dim():
     images, _ = load_digits_uint8()
     y = 2 * torch.from_numpy(images[:500]).double().reshape(500, -1) / 255 - 1
     mixture = GaussianMixture([1.0], y.mean(0, keepdim=True), y.std(0).clamp(min=0.05)[None])
-    report = evaluate(config, sde, _image_score(mixture, sde), "test", 1, torch.device("cpu"), progress=False)
+    report = evaluate(config, sde, _image_score(mixture, sde), "train", 1, torch.device("cpu"), progress=False)
     assert report["num_samples"] == 6 and report["dim"] == 64 and report["dequantized"] is True
     # Same images, exact density at eps and 7 bits/dim offset; dequantization noise is the only difference.
     k = torch.from_numpy(images[:6]).double().reshape(6, -1)
@@ -558,7 +558,7 @@ def test_runner_image_split_bits_per_dim():
     # The DDPM bound next to it (discrete-time VP); a few KL terms per image give an unbiased estimate.
     config.training.continuous = False
     config.likelihood.update(ddpm_bound=True, ddpm_num_terms=0, batch_size=4)  # 0: all 999 KL terms
-    report = evaluate(config, sde, _image_score(mixture, sde), "test", 1, torch.device("cpu"), progress=False)
+    report = evaluate(config, sde, _image_score(mixture, sde), "train", 1, torch.device("cpu"), progress=False)
     print(f"digits: DDPM bound {report['ddpm_bound_bits_per_dim']:.3f} vs ODE {report['bits_per_dim']:.3f} bits/dim")
     # Against the closed-form expectation of every term for these 6 images (per-pixel Gaussian, exact score);
     # one draw of x_t per term: within 4 standard errors (MC noise, measured across the 6 images, is larger).
@@ -570,7 +570,7 @@ def test_runner_image_split_bits_per_dim():
     assert abs(report["ddpm_bound_bits_per_dim"] - expected_bpd) < 4 * report["ddpm_bound_stderr"]
     config.sde.name = "vesde"
     with pytest.raises(UserError, match="discrete time"):
-        evaluate(config, VESDE(), _image_score(mixture, VESDE()), "test", 1, torch.device("cpu"), progress=False)
+        evaluate(config, VESDE(), _image_score(mixture, VESDE()), "train", 1, torch.device("cpu"), progress=False)
 
 
 def test_cli_writes_json_in_the_likelihood_folder(tmp_path):

@@ -629,3 +629,27 @@ def test_checkpoint_of_wrong_structure_is_refused_in_one_line(tmp_path, capsys, 
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint "), (mode, err)
         assert "does not fit" in err[0] and "Traceback" not in err[0]
+
+
+def test_a_refused_setting_leaves_no_config_behind_and_a_finished_run_keeps_its_record(tmp_path, capsys):
+    """A bad training.loss used to write WORKDIR/config.json before failing, so the corrected command was refused
+    ("does not match the run"); a rerun with a lower n_iters rewrote config.json of a run at a later step."""
+    import json
+
+    import main
+
+    small = ["--config.model.hidden_dim=16", "--config.model.num_layers=2", "--config.model.embedding_dim=8",
+             "--config.training.plot_samples=0", "--config.training.progress=false", "--config.device=cpu"]
+    workdir = str(tmp_path / "run")
+    assert main.main(["--mode", "train", "--config", "vp_toy", "--workdir", workdir, *small,
+                      "--config.training.n_iters=4", "--config.training.loss=nosuch"]) == 2
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+    assert main.main(["--mode", "train", "--config", "ve_toy", "--workdir", workdir, *small,
+                      "--config.training.n_iters=4"]) == 0
+    record = open(os.path.join(workdir, "config.json")).read()
+    capsys.readouterr()
+    assert main.main(["--mode", "train", "--workdir", workdir, "--config.training.n_iters=2"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "loss nan" not in out
+    assert open(os.path.join(workdir, "config.json")).read() == record
+    assert json.loads(record)["training"]["n_iters"] == 4

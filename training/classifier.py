@@ -62,9 +62,15 @@ def train_classifier(config, workdir: str, *, n_iters: int | None = None, progre
     n_iters = int(c.n_iters) if n_iters is None else int(n_iters)
     if n_iters <= 0 or int(c.batch_size) <= 0 or float(c.lr) <= 0:
         raise UserError(f"classifier.n_iters, batch_size and lr must be positive; got {n_iters}, {c.batch_size}, {c.lr}")
+    path = classifier_path(workdir)
+    if os.path.exists(path):  # never replace a trained classifier (guided samples were drawn with it)
+        raise UserError(f"{path} exists (a trained classifier); delete it, or use another --workdir, to train a new one")
     device = get_device(config)
     sde = get_sde(config)
-    classifier = create_classifier(config).to(device)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights for the same config.seed (once: unseeded)
+        torch.manual_seed(int(config.seed) ^ _SALT_CLASSIFIER)
+        classifier = create_classifier(config)
+    classifier = classifier.to(device)
     stream = get_data_stream(config, int(c.batch_size), device=device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=float(c.lr))
     eps, log_every = float(c.eps), max(int(c.log_every), 1)
@@ -115,6 +121,9 @@ def run(config, workdir: str, args) -> int:
     """`--mode train_classifier`: train p_t(c | x) for the run in workdir and report its accuracy."""
     check_settings(config, args, "train_classifier", get_sde)  # also when called without main.py
     check_output_files([classifier_path(workdir), os.path.join(workdir, "classifier_summary.json")])
+    if os.path.exists(classifier_path(workdir)):
+        raise UserError(f"{classifier_path(workdir)} exists (a trained classifier); delete it, or use another "
+                        "--workdir, to train a new one")
     summary = train_classifier(config, workdir, progress=bool(config.training.get("progress", True)))
     accuracy = ", ".join(f"t={t}: {a:.3f}" for t, a in summary["accuracy_at_t"].items())
     print(f"[classifier] {summary['step']} steps in {summary['seconds']:.1f}s, loss {summary['loss']:.4f}; "
