@@ -221,7 +221,9 @@ def sample_from_run(config, workdir: str, args, journal_folder: str | None = Non
     facts = {
         "solver": solver, "nfe_requested": nfe, "nfe_used": max(nfes), "nfe_used_per_batch": nfes,
         "num_samples": num_samples, "seed": seed, "checkpoint_step": step,
-        "config": str(getattr(args, "config", "") or ""), "dataset": str(config.data.dataset),
+        # the --config given, else the run's saved config the command used
+        "config": str(getattr(args, "config", "") or "") or os.path.join(workdir, "config.json"),
+        "dataset": str(config.data.dataset),
         "sde": str(config.sde.name), "options": sampler_options(config, solver),
         "eps": float(config.sampling.eps), "device": str(device), "seconds": round(elapsed, 3),
         "samples_per_second": round(num_samples / max(elapsed, 1e-9), 2),

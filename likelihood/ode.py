@@ -3,7 +3,7 @@
 The PF-ODE dx/dt = f~(x, t) = f(x, t) - g(t)^2 s(x, t) / 2 (eq. 13) maps x(eps) to z = x(T). The
 instantaneous change of variables (Chen et al., 2018) gives d log p_t(x(t)) / dt = -div f~(x(t), t), so
 
-    log p_eps(x(eps)) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt        (App. D.2, eq. 40)
+    log p_eps(x(eps)) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt        (App. D.2, eq. 39)
 
 We integrate the joint state (x, delta) with d delta/dt = div f~ from eps to T on the whole batch at
 once and add the prior log-density of the end point. Two integrators:
@@ -164,7 +164,7 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
         z, delta = _integrate_torchdiffeq(fn, x0, start, end, method, rtol, atol, options)
     if state != "x":
         z = z * sde.mean_coeff(torch.tensor(sde.T, dtype=x.dtype, device=x.device))
-    logp = prior_logp(z) + delta  # App. D.2, eq. 40
+    logp = prior_logp(z) + delta  # App. D.2, eq. 39
     return logp, z, score.calls
 
 

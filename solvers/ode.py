@@ -25,17 +25,19 @@ SCIPY_METHODS = ("RK45", "RK23", "DOP853")  # explicit: every function call is o
 class CappedScore(CountingScore):
     """Counts score evaluations and stops an adaptive solve that would exceed `cap` (None: no cap)."""
 
-    def __init__(self, score_fn, cap: int | None, method: str, rtol: float, atol: float):
+    def __init__(self, score_fn, cap: int | None, method: str, rtol: float, atol: float, solver: str = "ode"):
         super().__init__(score_fn)
-        self.cap = None if cap is None else check_budget(cap, 1, f"ode ({method})")
-        self.method, self.rtol, self.atol = method, rtol, atol
+        self.cap = None if cap is None else check_budget(cap, 1, f"{solver} ({method})")
+        self.method, self.rtol, self.atol, self.solver = method, rtol, atol, solver
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cap is not None and self.calls >= self.cap:
-            raise UserError(f"ode ({self.method}): more than nfe={self.cap} score evaluations needed at "
+            other = (", or use a fixed-step sampling.method (euler, midpoint, rk4)" if self.method in ADAPTIVE_METHODS
+                     else f", or another sampling.method ({', '.join(SCIPY_METHODS)})" if self.method in SCIPY_METHODS
+                     else "")
+            raise UserError(f"{self.solver} ({self.method}): more than nfe={self.cap} score evaluations needed at "
                             f"rtol={self.rtol:g}, atol={self.atol:g}; raise nfe (--nfe, config sampling.nfe), loosen "
-                            "sampling.rtol / sampling.atol" + (", or use a fixed-step sampling.method (euler, midpoint, "
-                                                               "rk4)" if self.method in ADAPTIVE_METHODS else ""))
+                            "sampling.rtol / sampling.atol" + other)
         return super().__call__(x, t)
 
 
@@ -120,7 +122,7 @@ def ode_scipy_sample(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, gene
     """
     check_choice(method, SCIPY_METHODS, "scipy ODE method")
     x = initial_state(sde, shape, x_T, generator, device, dtype)
-    counter = CappedScore(score_fn, nfe, method, rtol, atol)
+    counter = CappedScore(score_fn, nfe, method, rtol, atol, solver="ode_scipy")
     velocity = pf_ode_drift(sde, counter)
 
     def fun(t: float, y: np.ndarray) -> np.ndarray:

@@ -503,3 +503,5 @@ def test_nfe_caps_the_adaptive_ode_solvers(solver):
     with pytest.raises(UserError, match=r"more than nfe=\d+ .*sampling\.rtol") as error:
         solvers.sample(sde, score, (64, 2), solver=solver, nfe=needed - 1, generator=torch.Generator().manual_seed(0))
     assert len(str(error.value).splitlines()) == 1
+    assert str(error.value).startswith(f"{solver} (")  # the solver the user named (ode_scipy said "ode" once)
+    assert "sampling.method" in str(error.value)
