@@ -38,6 +38,14 @@ def to_unit_interval(images: torch.Tensor, dequantize: bool, generator: torch.Ge
     return x / 255.0
 
 
+def from_unit_interval(x: torch.Tensor, dequantized: bool) -> torch.Tensor:
+    """[0, 1] values -> uint8 pixels, the inverse of `to_unit_interval`: k = floor(256 x) for dequantized data
+    ((k + u) / 256 lies in bin k), k = round(255 x) otherwise (k / 255); clamped to 0..255."""
+    x = torch.nan_to_num(x.float(), nan=0.0)
+    k = torch.floor(x * 256.0) if dequantized else torch.round(x * 255.0)
+    return k.clamp(0, 255).to(torch.uint8)
+
+
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image of an (N, C, H, W) batch left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5

@@ -285,8 +285,10 @@ def _generator(config, device):
     return torch.Generator(device=device).manual_seed(int(config.seed))
 
 
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+def _uint8(config, x: torch.Tensor) -> np.ndarray:
+    from data.images import from_unit_interval
+
+    return from_unit_interval(x, bool(config.data.get("uniform_dequantization", False))).numpy()
 
 
 def run_inpaint(config, workdir: str, args) -> int:
@@ -311,7 +313,7 @@ def run_inpaint(config, workdir: str, args) -> int:
     facts = {"mode": "inpaint", "input": args.input, "mask": args.mask, "nfe_used": used,
              "nfe_budget": options["nfe"], "checkpoint_step": step, "seed": int(config.seed),
              **{k: v for k, v in options.items() if k != "nfe"}, "settings": settings}
-    png = _save(stem, [images, shown, result], _uint8(result), facts,
+    png = _save(stem, [images, shown, result], _uint8(config, result), facts,
                 f"inpaint, {_pc_label(options)}, NFE {used}, step {step}", ["input", "known", "result"])
     print(f"inpainted {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
           f"-> {png}")
@@ -339,7 +341,7 @@ def run_colorize(config, workdir: str, args) -> int:
     facts = {"mode": "colorize", "input": args.input, "nfe_used": used, "nfe_budget": options["nfe"],
              "checkpoint_step": step, "seed": int(config.seed), **{k: v for k, v in options.items() if k != "nfe"},
              "settings": settings}
-    png = _save(stem, [images, gray.expand_as(images), result], _uint8(result),
+    png = _save(stem, [images, gray.expand_as(images), result], _uint8(config, result),
                 facts, f"colorize, {_pc_label(options)}, NFE {used}, step {step}", ["input", "gray", "result"])
     print(f"colorized {len(images)} image(s) with {_pc_label(options)}, NFE {used} of budget {options['nfe']} "
           f"-> {png}")
@@ -377,7 +379,7 @@ def run_interpolate(config, workdir: str, args) -> int:
              "solver": solver, "nfe_used": used, "nfe_budget": budget, "checkpoint_step": step, **options,
              "settings": settings}
     labels = ["input"] + [f"a={k / (num_frames - 1):.2f}" for k in range(num_frames)] + ["input2"]
-    png = _save(stem, panels, _uint8(frames), facts,
+    png = _save(stem, panels, _uint8(config, frames), facts,
                 f"PF-ODE interpolation ({options['method']}), NFE {used}, step {step}", labels)
     print(f"interpolated {len(first)} pair(s) in {num_frames} frames with the PF-ODE ({options['method']}), NFE {used}"
           + (f" of budget {budget}" if budget else "") + f" -> {png}")

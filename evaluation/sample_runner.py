@@ -140,7 +140,9 @@ def to_data_space(config, x: torch.Tensor) -> np.ndarray:
 
     x = get_data_inverse_scaler(config)(x)
     if config.data.get("kind", "toy") == "image":
-        return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+        from data.images import from_unit_interval
+
+        return from_unit_interval(x, bool(config.data.get("uniform_dequantization", False))).numpy()
     return x.numpy()
 
 

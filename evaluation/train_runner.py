@@ -65,8 +65,11 @@ class SampleFigureCallback:
             from data.transforms import get_data_inverse_scaler
             from evaluation.figures import save_image_grid
 
-            images = get_data_inverse_scaler(config)(samples).clamp(0, 1)
-            save_image_grid(self.path, images[:64], title=title)
+            from data.images import from_unit_interval
+
+            images = from_unit_interval(get_data_inverse_scaler(config)(samples[:64]),
+                                        bool(config.data.get("uniform_dequantization", False)))
+            save_image_grid(self.path, images, title=title)
         if self.path:
             _log_image(event.workdir, event.step, self.path)
         self.seconds = time.perf_counter() - start
@@ -120,12 +123,13 @@ def run(config, workdir: str, args) -> int:
     progress = bool(config.training.get("progress", True))
     callbacks = build_callbacks(config, progress)
     result = train(config, workdir, callbacks=callbacks)
-    if int(os.environ.get("RANK", "0")) == 0 and result.steps_this_run == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and result.steps_this_run == 0 and result.callback_seconds == 0:
         return 0  # the trainer said "nothing to do"; there is no loss or rate of this run to report
     if int(os.environ.get("RANK", "0")) == 0:
         rate = f", {result.steps_this_run / result.seconds:.2f} steps/s" if result.seconds > 0 else ""
+        loss = f"; final loss {result.loss:.4g}" if result.steps_this_run > 0 else ""
         print(f"[train] step {result.step} ({result.steps_this_run} this run): training {result.seconds:.1f} s"
-              f"{rate}; final loss {result.loss:.4g}")
+              f"{rate}{loss}")
         print(f"[train] checkpoint: {result.checkpoint}")
         print(f"[train] tensorboard: {os.path.join(workdir, 'tensorboard')}")
         for callback in callbacks:

@@ -472,6 +472,22 @@ def test_tensorboard_keeps_every_logged_step_across_a_resume(tmp_path):
     assert [e.step for e in events.Scalars("metrics/calls")] == [3, 6, 9, 12]
 
 
+def test_tensorboard_has_each_step_once_after_a_run_killed_before_its_first_checkpoint(tmp_path):
+    """Killed at step 7 with no checkpoint yet (snapshots every 8): the rerun starts at step 0 and its events
+    replace the dead run's (before: steps 3 and 6 twice, the curve jumping back)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(n_iters=12, snapshot_every=8)
+    with pytest.raises(RuntimeError):
+        train(config, str(tmp_path), callbacks=[_FailsAt(6, every=3)])  # a failing callback checkpoints at 6 ...
+    shutil.rmtree(tmp_path / "checkpoints")  # ... so remove it: as if killed before the first checkpoint
+    train(config, str(tmp_path))
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 12]
+
+
 def test_training_package_never_imports_evaluation():
     """Layering: training/ sits below evaluation/ (no import of it, not even inside a function)."""
     import ast
@@ -653,3 +669,23 @@ def test_a_refused_setting_leaves_no_config_behind_and_a_finished_run_keeps_its_
     assert "nothing to do" in out and "loss nan" not in out
     assert open(os.path.join(workdir, "config.json")).read() == record
     assert json.loads(record)["training"]["n_iters"] == 4
+
+
+def test_a_run_stopped_during_its_final_callbacks_makes_its_outputs_when_rerun(tmp_path):
+    """The last checkpoint is written before the end-of-training callbacks: a run killed (or failing) in them
+    used to be "already at step N, nothing to do" forever, without its figure or train_summary.json."""
+    import json
+
+    config = tiny_config(n_iters=8)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(config, str(tmp_path), callbacks=[_FailsAt(8, every=0)])
+    assert load_checkpoint(checkpoint_path(str(tmp_path)))["step"] == 8
+    assert not (tmp_path / "train_summary.json").exists()
+    recorder = _Recorder(0, name="final")
+    result = train(config, str(tmp_path), callbacks=[recorder])
+    assert result.steps_this_run == 0 and [(s, f) for s, f, *_ in recorder.events] == [(8, True)]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["step"] == 8 and summary["metrics"] == {"final": 1.0}
+    again = _Recorder(0)
+    train(config, str(tmp_path), callbacks=[again])  # now complete: nothing to do, no callback
+    assert again.events == []

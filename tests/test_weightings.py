@@ -132,6 +132,9 @@ def test_weighting_settings_are_user_errors():
     config.training.weighting, config.training.proposal = "sigma2", "lognormal"
     with pytest.raises(UserError, match="proposal"):
         get_loss_fn(config, sde)
+    config.training.proposal = "importance"  # importance sampling of t, which needs the likelihood weighting
+    with pytest.raises(UserError, match="needs likelihood weighting"):
+        get_loss_fn(config, sde)
     config.training.weighting, config.training.proposal, config.training.p_std = "edm", "auto", 0.0
     with pytest.raises(UserError, match="p_std"):
         get_loss_fn(config, sde)
@@ -146,3 +149,19 @@ def test_likelihood_weighting_key_is_the_existing_likelihood_loss():
     lb = get_loss_fn(b, sde)(RING.score_fn(sde), x0, torch.Generator().manual_seed(1))
     plain = get_loss_fn(configs.get_config("vp_toy"), sde)(RING.score_fn(sde), x0, torch.Generator().manual_seed(1))
     assert float(la) == float(lb) and float(la) != pytest.approx(float(plain), rel=0.1)
+
+
+def test_proposal_importance_is_importance_sampling():
+    """training.proposal=importance with the likelihood weighting draws t by importance sampling, exactly as
+    training.importance_sampling=true (it was accepted and silently ignored: uniform t)."""
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    score = lambda x, t: -x  # noqa: E731 -- any score: the losses differ only through the drawn t
+    losses = {}
+    for name, settings in {"uniform": dict(proposal="uniform"), "proposal": dict(proposal="importance"),
+                           "flag": dict(proposal="auto", importance_sampling=True)}.items():
+        config = configs.get_config("vp_toy")
+        config.training.update(weighting="likelihood", **settings)
+        loss_fn = get_loss_fn(config, VPSDE())
+        losses[name] = float(loss_fn(score, x0, torch.Generator().manual_seed(1)))
+    assert losses["proposal"] == losses["flag"] != losses["uniform"]
+

@@ -20,9 +20,9 @@ class TrainLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         # A resumed run continues at start_step + 1: events a crashed run logged after its last checkpoint
-        # (steps > start_step) are purged, the ones up to and including the checkpoint's step are kept.
-        self.writer = SummaryWriter(log_dir=os.path.join(workdir, "tensorboard"),
-                                    purge_step=start_step + 1 if start_step else None)
+        # (steps > start_step) are purged, the ones up to and including the checkpoint's step are kept; also from
+        # step 1 when a run killed before its first checkpoint starts over (once: each step twice in the curve).
+        self.writer = SummaryWriter(log_dir=os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)

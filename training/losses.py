@@ -292,9 +292,12 @@ def get_loss_fn(config, sde: SDE) -> Callable[[ScoreFn, torch.Tensor, torch.Gene
                             weighting=weighting, proposal=proposal, sigma_data=sigma_data, min_snr_gamma=gamma)
     elif name == "dsm":
         likelihood = _weighting_and_proposal(config, sde, eps)[0] == "likelihood" or bool(tr.likelihood_weighting)
-        sampler = ImportanceTimeSampler(sde, eps) if tr.get("importance_sampling", False) else None
+        # training.proposal="importance" names the same thing as training.importance_sampling=true (once: ignored)
+        importance = bool(tr.get("importance_sampling", False)) or str(tr.get("proposal", "auto")).lower() == "importance"
+        sampler = ImportanceTimeSampler(sde, eps) if importance else None
         if sampler is not None and not likelihood:
-            raise UserError("training.importance_sampling=true needs training.likelihood_weighting=true")
+            raise UserError("training.importance_sampling=true (or training.proposal=importance) needs likelihood "
+                            "weighting (training.likelihood_weighting=true or training.weighting=likelihood)")
 
         def loss_fn(score_fn, x0, generator=None):
             return dsm_loss(score_fn, sde, x0, eps=eps, reduce_mean=reduce_mean,

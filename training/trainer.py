@@ -143,6 +143,32 @@ class _State:
                             f"({describe_state_error(error)})") from None
 
 
+def _final_outputs_missing(workdir: str, step: int, n_iters: int, callbacks) -> bool:
+    """A finished run whose end-of-training callbacks or summary never completed (killed, or a callback failed)."""
+    import json
+
+    if step != n_iters:
+        return False
+    try:
+        with open(os.path.join(workdir, "train_summary.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("step") != step
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def _finish_outputs(config, sde, state: "_State", device, workdir: str, callbacks, ckpt: str) -> "TrainResult":
+    """Run the final callbacks and write train_summary.json for a run that stopped after its last checkpoint."""
+    print(f"[train] {ckpt} is at the last step ({state.step}) but the run's final outputs are missing: "
+          "making them now")
+    start = time.perf_counter()
+    metrics = _run_callbacks(callbacks, config, sde, state, device, workdir, int(config.training.n_iters))
+    spent = time.perf_counter() - start
+    write_json(os.path.join(workdir, "train_summary.json"),
+               {"step": state.step, "loss": None, "seconds": 0.0, "steps_this_run": 0, "steps_per_s": None,
+                "callback_seconds": spent, "metrics": metrics}, indent=1)
+    return TrainResult(state.step, 0, math.nan, 0.0, ckpt, spent, metrics, state.model)
+
+
 def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Adam's moments have their parameter's shape (a mismatch would fail only at the first step, deep in torch)."""
     for group in optimizer.param_groups:
@@ -310,6 +336,8 @@ def _train(config, workdir: str, device: torch.device, info: distributed.DistInf
     end = int(tr.n_iters) if max_steps is None else min(int(tr.n_iters), start + int(max_steps))
     ckpt = checkpoint_path(workdir)
     if start >= end:  # config.json keeps describing the checkpoint (not this command's n_iters)
+        if info.is_main and _final_outputs_missing(workdir, start, int(tr.n_iters), callbacks):
+            return _finish_outputs(config, sde, state, device, workdir, callbacks, ckpt)
         if info.is_main:
             print(f"[train] {ckpt} is already at step {start} (training.n_iters={tr.n_iters}); nothing to do")
         return TrainResult(start, 0, math.nan, 0.0, ckpt, model=state.model)
