@@ -11,20 +11,24 @@
 #          --data makes 16 random images); --budget SECONDS (all steps together, default 530: under 9 minutes
 #          and inside the device tool's 560 s call); --steps NAME,... (run only these of: env tests_gpu train
 #          sample likelihood tests_perf train_compile run run_bpd run_sample).
-# Results go to ${OUT:-benchmarks/results/gpu}, 8 files (the device tool returns at most 8): steps.json
+#          --force (write into an OUT that holds an earlier check's results; without it that is refused).
+# Results go to $OUT (default benchmarks/results/gpu; with --quick a new temporary folder), 8 files (the device tool returns at most 8): steps.json
 # (every step's status, rc, seconds, and the machine as "env"), train.json / sample.json / likelihood.json
 # (benchmarks/throughput.py reports; train.json holds the compiled bf16 rows too), run.json (the short
 # training run: steps/s, bits/dim, NFE, seconds, samples), run_samples.png (its sample grid), summary.md
 # (human summary, environment included), gpu_check.log (every step's output).
 # Each step runs under its own `timeout` (cut to what is left of the budget), cheapest first; a failed or
 # timed-out step is recorded and the next one runs; steps.json / summary.md / gpu_check.log are rewritten
-# after every step. The script exits 0 once the device was found, 2 without CUDA (or on a bad argument).
+# after every step. The script exits 0 once the device was found, 2 without CUDA or with a torch that does
+# not import (both recorded in OUT as a failed "env" step), or on a bad argument.
 # Missing torchsde / ml_collections are installed offline from .wheels/ (scripts/fetch_device_wheels.sh).
 set -u
+STEP_NAMES="env tests_gpu train sample likelihood tests_perf train_compile run run_bpd run_sample"
 # OUT and --data relative to where the script was called from; everything else runs from the repository root
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
 CALLER=$(pwd)
 cd "$(dirname "$0")/.."
+FORCE=0
 
 QUICK=0
 DEVICE=cuda
@@ -39,7 +43,8 @@ while [ $# -gt 0 ]; do
         --data) DATA="${2:-}"; shift ;;
         --budget) BUDGET="${2:-}"; shift ;;
         --steps) ONLY=",${2:-},"; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --force) FORCE=1 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (use --quick, --device cuda|cpu, --data DIR, --budget SECONDS, --steps NAME,...)" >&2; exit 2 ;;
     esac
     shift
@@ -49,6 +54,12 @@ case "$DEVICE" in
     cpu) if [ "$QUICK" = 0 ]; then echo "gpu_check: --device cpu needs --quick (the full sizes would take hours on a CPU)" >&2; exit 2; fi ;;
     *) echo "gpu_check: --device must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;;
 esac
+for name in $(printf '%s' "$ONLY" | tr ',' ' '); do
+    case " $STEP_NAMES " in *" $name "*) ;; *)
+        echo "gpu_check: unknown step '$name' in --steps (valid: $STEP_NAMES)" >&2; exit 2 ;;
+    esac
+done
+if [ "$ONLY" = ",," ]; then echo "gpu_check: --steps needs step names (valid: $STEP_NAMES)" >&2; exit 2; fi
 if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
     echo "gpu_check: --budget needs a whole number of seconds, got '$BUDGET'" >&2; exit 2
 fi
@@ -59,19 +70,38 @@ fi
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-OUT="${OUT:-benchmarks/results/gpu}"
-export PYTHONUNBUFFERED=1
-START=$(date +%s)
-
-if [ "$DEVICE" = cuda ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "gpu_check: no CUDA device (torch.cuda.is_available() is False for $PYTHON); run it on the GPU machine, or pass --quick --device cpu to test the script on CPU" >&2
+if [ -z "${OUT:-}" ]; then  # a quick check never lands on (or replaces) the GPU results
+    if [ "$QUICK" = 1 ]; then OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_quick.XXXXXX"); else OUT=benchmarks/results/gpu; fi
+fi
+if [ -e "$OUT/steps.json" ] && [ "$FORCE" = 0 ]; then
+    echo "gpu_check: $OUT holds an earlier check's results (steps.json); pass --force to replace them, or set OUT to another folder" >&2
     exit 2
 fi
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 REPORT=(benchmarks/gpu_check_report.py)
 if [ "$QUICK" = 1 ]; then MODE="quick-$DEVICE"; else MODE=gpu; fi
+
+# torch must import and (for --device cuda) see a GPU; otherwise the reason is recorded as a failed env step
+PROBE=$("$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or sys.argv[1] == 'cpu' else 3)" "$DEVICE" 2>&1)
+PROBE_RC=$?
+if [ "$PROBE_RC" != 0 ]; then
+    if [ "$PROBE_RC" = 3 ]; then
+        REASON="no CUDA device (torch.cuda.is_available() is False for $PYTHON); run it on the GPU machine, or pass --quick --device cpu to test the script on CPU"
+    else
+        REASON="torch does not import with $PYTHON: $(printf '%s' "$PROBE" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-200)"
+    fi
+    echo "gpu_check: $REASON" >&2
+    printf 'env\tfailed\t%s\t0.000\t0\t\t%s\n' "$PROBE_RC" "$REASON" >"$WORK/steps.tsv"
+    printf '%s\n' "$PROBE" >"$WORK/env.log"
+    "$PYTHON" benchmarks/gpu_check_report.py summary --work "$WORK" --out "$OUT" --mode "$MODE" --total_seconds 0 >/dev/null 2>&1 \
+        || echo "gpu_check: could not write the summary in $OUT" >&2
+    rm -rf "$WORK"
+    exit 2
+fi
 
 # torchsde / ml_collections: the device image lacks them; install the carried wheels offline.
 if ! "$PYTHON" -c "import torchsde, ml_collections" 2>/dev/null; then

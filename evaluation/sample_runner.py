@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -97,8 +98,10 @@ def generate(config, sde, score_fn, solver: str, nfe: int, num_samples: int, see
                 continue
             batch_start = time.time()
             generator = torch.Generator(device=device).manual_seed(distributed.batch_seed(seed, index))
-            x, used = sample(sde, counted, (sizes[index],) + shape, solver=solver, nfe=nfe,
-                             eps=float(config.sampling.eps), generator=generator, **options)
+            with warnings.catch_warnings():  # non-finite samples: the runners report them once, in one line
+                warnings.filterwarnings("ignore", message=".*sample values are NaN or inf", category=RuntimeWarning)
+                x, used = sample(sde, counted, (sizes[index],) + shape, solver=solver, nfe=nfe,
+                                 eps=float(config.sampling.eps), generator=generator, **options)
             chunks[index] = x.float().cpu()
             nfes[index] = int(used)
             if saved is not None:

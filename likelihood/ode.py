@@ -32,7 +32,7 @@ from likelihood.time_change import TimeChange, check_state, scaled_state_field
 from likelihood.divergence import (DIVERGENCES, HUTCHPP, draw_probes, exact_divergence, hutchinson_divergence,
                                    hutchpp_divergence)
 from sde_lib.base import SDE, ScoreFn
-from solvers.common import CountingScore  # the NFE counter the samplers use
+from solvers.common import CountingScore, ShapeCheckedScore  # the NFE counter and output check the samplers use
 from solvers.ode import ADAPTIVE_METHODS  # torchdiffeq's error-controlled methods, the samplers' list
 
 SCIPY_METHOD = "scipy_rk45"
@@ -72,6 +72,9 @@ def _check_inputs(sde: SDE, x: torch.Tensor, eps: float, method: str, rtol: floa
         raise UserError(f"eps must lie in (0, T={sde.T}), got {eps}")
     if method not in torchdiffeq_methods():
         raise UserError(f"unknown ODE method {method!r}; valid: {', '.join(torchdiffeq_methods())}")
+    step = (options or {}).get("step_size")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf):
+        raise UserError(f"options['step_size'] must be a positive number, got {step!r}")
     if method in fixed_grid_methods() and not {"step_size", "grid_constructor"} & set(options or {}):
         # torchdiffeq's grid would be [eps, T] alone: one step over the whole interval, a meaningless number.
         raise UserError(f"ODE method {method!r} takes fixed steps: give options={{'step_size': h}} (or a "
@@ -95,7 +98,14 @@ def _drift_and_divergence(sde: SDE, score: CountingScore, divergence: str, probe
     e^T c I e = c D exactly, so the split would change nothing.
     """
 
-    reverse = sde.reverse(score, probability_flow=True)
+    def differentiable_score(y: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        out = score(y, tt)
+        if not out.requires_grad:  # its divergence would be taken as 0: a silently wrong log-likelihood
+            raise UserError("score_fn returned a tensor without an autograd graph (made under torch.no_grad(), "
+                            "detached, or through numpy); log_likelihood differentiates it for the divergence")
+        return out
+
+    reverse = sde.reverse(differentiable_score, probability_flow=True)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
@@ -145,9 +155,12 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: torch.Tensor, eps: float = 1e
     state (x, delta), "joint_rms" scipy's (`joint_rms_norm`); scipy_rk45 always uses scipy's.
     """
     _check_inputs(sde, x, eps, method, rtol, atol, divergence, n_probes, options)
+    if torch.is_inference_mode_enabled():
+        raise UserError("log_likelihood needs autograd for the divergence: call it outside torch.inference_mode() "
+                        "(torch.no_grad() is fine)")
     options = _with_norm(options, method, error_norm, x[0].numel())
     prior_logp = sde.prior_logp if prior_logp is None else prior_logp
-    score = CountingScore(score_fn)
+    score = CountingScore(ShapeCheckedScore(score_fn))
     probes = draw_probes(x, divergence, int(n_probes), generator)
     fn = _drift_and_divergence(sde, score, divergence, probes)
     change = TimeChange(sde, time_variable)
@@ -231,7 +244,11 @@ def _integrate_torchdiffeq(fn, x, start, end, method, rtol, atol, options):
 
     state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     times = torch.tensor([start, end], dtype=x.dtype, device=x.device)
-    xs, deltas = torchdiffeq.odeint(ode, state0, times, rtol=rtol, atol=atol, method=method, options=options)
+    try:
+        xs, deltas = torchdiffeq.odeint(ode, state0, times, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as error:  # torchdiffeq's step-size underflow: a NaN / inf field, or far too stiff
+        raise UserError(f"log_likelihood ({method}): the step size underflowed ({error}); the score returned NaN/inf "
+                        "values, or rtol/atol are too tight") from None
     return xs[-1], deltas[-1]
 
 

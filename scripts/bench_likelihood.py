@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from atomic_io import write_json  # noqa: E402
 from data import GaussianMixture  # noqa: E402
+from errors import UserError  # noqa: E402
 from likelihood import bits_per_dim, mean_and_stderr  # noqa: E402
 from likelihood.divergence import draw_probes  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
@@ -164,6 +165,26 @@ def _run_batches(sde, score_fn, images, batch_size, scale, args, device, options
     return torch.cat(bpds), float(np.mean(nfes)), time.perf_counter() - start
 
 
+REFERENCE_KEYS = ("data", "score", "sde", "num_images", "dims", "divergence", "n_probes", "seed", "dtype", "eps",
+                  "run", "net_config")
+
+
+def read_reference(path: str) -> dict:
+    """An earlier result of this script that holds a "reference" (one-line UserError otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        reference = saved["reference"]
+        count = len(reference["bpd_per_image"])
+        float(reference["tol"]), float(reference["mean_nfe_per_batch"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--reference_from {path}: not a result of this script with a reference "
+                        f"({type(error).__name__}: {error})") from None
+    if saved.get("num_images") not in (None, count):
+        raise UserError(f"--reference_from {path}: {count} per-image values for {saved.get('num_images')} images")
+    return saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="digits", choices=["digits", "cifar10"])
@@ -194,6 +215,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="1: one untimed warm-up batch per method first")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
+    for key in ("num_images", "batch_size", "repeats", "threads", "n_probes"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be a positive integer, got {getattr(args, key)}")
+    if args.out and os.path.exists(args.out):
+        raise UserError(f"{args.out} exists (an earlier result); choose another --out")
+    saved = read_reference(args.reference_from) if args.reference_from else None
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -206,13 +233,21 @@ def main() -> None:
                                                              dtype=args.torch_dtype))
     elif args.score == "run":
         sde, score_fn, scale = run_score(args.run, device, args.torch_dtype)
+        args.sde = type(sde).__name__  # the run's own SDE (once: recorded as --sde's default "vp")
 
     results = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
                "threads": args.threads, "data": args.data, "score": args.score, "sde": args.sde,
                "num_images": int(images.shape[0]), "dims": int(images[0].size), "tol": args.tol,
-               "divergence": args.divergence, "n_probes": args.n_probes, "methods": {}}
+               "divergence": args.divergence, "n_probes": args.n_probes, "seed": args.seed, "dtype": args.dtype,
+               "eps": args.eps, "run": args.run, "net_config": args.net_config, "methods": {}}
+    if saved is not None:  # the reference must be of the same images, score, probes and precision
+        differ = [f"{key} {saved[key]!r} there, {results[key]!r} here" for key in REFERENCE_KEYS
+                  if key in saved and saved[key] != results[key]]
+        if differ:
+            raise UserError(f"--reference_from {args.reference_from} was computed with other settings: "
+                            + "; ".join(differ))
     per_image, nfes, times = {}, {}, {}
     methods = args.methods.split(",")
     for method in methods if args.warmup else ():  # warm-up on one batch (first-call allocations), not timed
@@ -233,8 +268,7 @@ def main() -> None:
     for method in methods:
         results["methods"][method]["bpd_per_image"] = per_image[method].tolist()
     if args.reference_from:
-        with open(args.reference_from, encoding="utf-8") as handle:
-            results["reference"] = json.load(handle)["reference"]
+        results["reference"] = saved["reference"]
         reference = torch.tensor(results["reference"]["bpd_per_image"], dtype=torch.float64)
         args.reference_tol = results["reference"]["tol"]
     elif args.reference_tol > 0:
@@ -279,4 +313,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

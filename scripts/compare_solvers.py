@@ -235,8 +235,9 @@ def image_quality(config, split):
 
     try:
         return ImageQuality(config, split, device="cpu")
-    except UserError as error:
-        raise UserError(f"{error} (bits/dim of this run without them: main.py --mode likelihood)") from None
+    except UserError as error:  # main.py's advice in this script's terms (it takes --inception_weights PATH)
+        message = str(error).replace("--config.eval.inception_weights=", "--inception_weights ")
+        raise UserError(f"{message} (bits/dim of this run without them: main.py --mode likelihood)") from None
 
 
 def compare_images(args, config, run, budgets) -> int:

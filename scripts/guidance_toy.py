@@ -4,7 +4,9 @@ Reports, per guidance setting, the fraction of samples whose exact mixture poste
 and the mean exact p(c | x), next to the exact-score answers (data/class_conditional.py). Writes a markdown
 table and a scatter figure.
 
-    python scripts/guidance_toy.py --workdir runs/vp_toy_cond --n_iters 1500 --out docs/guidance_toy
+    python scripts/guidance_toy.py --workdir runs/vp_toy_cond --n_iters 1500 --out docs/guidance_toy --force
+
+--out defaults to WORKDIR/guidance_toy (.md, .png); earlier results are replaced only with --force.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import configs  # noqa: E402
 from atomic_io import save_figure, write_text  # noqa: E402
 from data.class_conditional import mixture_class_score_fn, mixture_log_posterior_fn  # noqa: E402
 from data.mixtures import toy_mixture  # noqa: E402
+from errors import UserError  # noqa: E402
 from models import score_fn_options  # noqa: E402
 from models.guidance import classifier_log_prob_fn, conditional_score_fn  # noqa: E402
 from sde_lib import get_sde  # noqa: E402
@@ -41,8 +44,16 @@ def main() -> None:
     parser.add_argument("--classifier_iters", type=int, default=1000)
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--nfe", type=int, default=200)
-    parser.add_argument("--out", default="docs/guidance_toy")
+    parser.add_argument("--out", default=None, help="output prefix (default: WORKDIR/guidance_toy)")
+    parser.add_argument("--force", action="store_true", help="replace the files of an earlier run at --out")
     args = parser.parse_args()
+    args.out = args.out or os.path.join(args.workdir, "guidance_toy")
+    existing = [args.out + ext for ext in (".md", ".png") if os.path.exists(args.out + ext)]
+    if existing and not args.force:
+        raise UserError(f"{existing[0]} exists (an earlier run): pass --force to replace it, or another --out")
+    for key in ("n_iters", "classifier_iters", "num_samples", "nfe"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be a positive integer, got {getattr(args, key)}")
     torch.set_num_threads(1)
 
     from training.checkpoint import restore_model
@@ -86,8 +97,12 @@ def main() -> None:
                     f"{mean['exact'][0]:.3f} | {mean['exact'][1]:.3f} |")
     table = "\n".join(["| guidance | scale | net: in class | net: mean p(c given x) | exact: in class | "
                        "exact: mean p(c given x) |", "|---|---|---|---|---|---|", *rows])
+    from training.checkpoint import read_verified
+    from training.classifier import classifier_path
+
+    classifier_steps = read_verified(classifier_path(args.workdir), "classifier").get("step", "?")  # as trained
     header = (f"vp_toy_cond (ring2d, class = component), {step} training steps, classifier "
-              f"{config.classifier.n_iters} steps; EM with NFE {args.nfe}, {args.num_samples} samples per class, "
+              f"{classifier_steps} steps; EM with NFE {args.nfe}, {args.num_samples} samples per class, "
               "averaged over the 8 classes. 'net' = trained networks, 'exact' = exact mixture scores / posterior.\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_text(args.out + ".md", header + "\n" + table + "\n")
@@ -109,4 +124,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # ConfigError is one too
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

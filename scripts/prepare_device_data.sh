@@ -59,6 +59,13 @@ try:
     with open(train, "rb") as source:
         atomic_write(os.path.join(dest, name), lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
     save_npz(os.path.join(dest, f"test_{len(x)}.npz"), x=x, y=y)
+    # the staging folder holds one part of each: the loader reads every train*.npz / test*.npz in it, so parts of
+    # an earlier call (another --train or --num_test) would be read twice (and travel)
+    keep = {name, f"test_{len(x)}.npz"}
+    for old in sorted(os.listdir(dest)):
+        if old.endswith(".npz") and old.startswith(("train", "test")) and old not in keep:
+            os.remove(os.path.join(dest, old))
+            print(f"prepare_device_data: removed {os.path.join(dest, old)} (an earlier call's part)")
     print(f"prepare_device_data: {os.path.join(dest, name)} (copy of {train}); "
           f"{os.path.join(dest, f'test_{len(x)}.npz')}: x {x.shape} {x.dtype}, y {y.shape} {y.dtype}")
 except UserError as error:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
 from errors import UserError
+from solvers.common import ShapeCheckedScore, check_nfe, check_sample_shape, check_state_tensor
 from solvers.registry import SAMPLERS, register
+from solvers.timesteps import check_eps
 
 # Importing the sampler modules fills the table (each module registers its names).
 from solvers import pc, ald, ode, torchsde_sampler  # noqa: E402,F401  (em, pc, reverse_diffusion, ancestral, ald, ode*, sde_*)
@@ -31,10 +34,11 @@ def sample(sde, score_fn, shape, solver: str = "em", nfe: int | None = None, eps
     """
     if solver not in SAMPLERS:
         raise UserError(f"unknown solver {solver!r}; valid: {', '.join(available_solvers())}")
-    if nfe is not None and int(nfe) <= 0:
-        raise UserError(f"nfe must be positive, got {nfe}")
-    if x_T is not None and tuple(x_T.shape) != tuple(shape):
-        raise UserError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    shape = check_sample_shape(shape)
+    check_nfe(nfe)
+    eps = check_eps(sde, eps, solver)
+    if x_T is not None and tuple(check_state_tensor(x_T, "x_T").shape) != shape:
+        raise UserError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
     accepted = [name for name in inspect.signature(SAMPLERS[solver]).parameters
                 if name not in ("sde", "score_fn", "shape", "nfe", "eps", "x_T", "generator")]
     unknown = sorted(set(options) - set(accepted))
@@ -43,7 +47,12 @@ def sample(sde, score_fn, shape, solver: str = "em", nfe: int | None = None, eps
                         f"its options: {', '.join(accepted) or 'none'}")
     if compile or cuda_graph:
         score_fn = accelerate_score_fn(score_fn, compile=compile, cuda_graph=cuda_graph)
-    return SAMPLERS[solver](sde, score_fn, tuple(shape), nfe=nfe, eps=eps, x_T=x_T, generator=generator, **options)
+    x, used = SAMPLERS[solver](sde, ShapeCheckedScore(score_fn), shape, nfe=nfe, eps=eps, x_T=x_T,
+                               generator=generator, **options)
+    if not bool(torch.isfinite(x).all()):  # one synchronisation per call: NaN samples are never returned silently
+        warnings.warn(f"{solver}: {int((~torch.isfinite(x)).sum())} of {x.numel()} sample values are NaN or inf "
+                      "(a diverging score, or a step too large for it)", RuntimeWarning, stacklevel=2)
+    return x, used
 
 
 __all__ = ["sample", "available_solvers", "SAMPLERS", "register", "encode", "decode"]

@@ -91,11 +91,18 @@ def adaptive_sampler(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, gene
         t = torch.where(finishing, torch.full_like(t, eps), torch.where(accept, t_next, t))
         # Controller: safety * h * E^(-r); E = 0 (a perfectly smooth step) lets h grow to what remains.
         h = torch.minimum(t - eps, safety * h * err.clamp_min(1e-12) ** (-r)).clamp_min(0.0)
+        broken = ~torch.isfinite(err).all()  # a NaN / inf score: no step is ever accepted (once: an endless loop)
         if memory is None:
-            running = bool((t > eps).any())  # the one host synchronisation per iteration
+            running, bad = torch.stack([(t > eps).any(), broken]).tolist()  # the one host synchronisation
         else:
             memory.advance(accept)
-            running, width = torch.stack([(t > eps).any().long(), memory.stored()]).tolist()  # one sync
+            running, width, bad = torch.stack([(t > eps).any().long(), memory.stored(),
+                                               broken.long()]).tolist()  # one sync
             memory.trim(width)
+        if bad:
+            raise UserError(f"adaptive: the score returned NaN or inf values (after {used} score evaluations); "
+                            "the step size cannot be controlled")
         if not running:
             return x, used
+        if used >= cap:  # the forced steps keep the cap; this only guards against a stalled controller
+            raise UserError(f"adaptive: nfe={cap} score evaluations spent before reaching eps")

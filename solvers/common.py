@@ -69,6 +69,46 @@ def with_steps(sde: SDE, n: int) -> SDE:
     return chain
 
 
+def check_sample_shape(shape) -> tuple[int, ...]:
+    """A sample shape as a tuple of positive ints (batch first), else a UserError naming it."""
+    dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise UserError(f"shape must be a tuple of positive integers (batch, ...), got {shape!r}")
+    return dims
+
+
+def check_nfe(nfe) -> int | None:
+    """An NFE budget: None or a positive integer (2.7, True or inf are refused, not truncated)."""
+    if nfe is None:
+        return None
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe <= 0:
+        raise UserError(f"nfe must be a positive integer, got {nfe!r}")
+    return nfe
+
+
+def check_state_tensor(x, what: str) -> torch.Tensor:
+    """A floating-point torch tensor (a starting state or data), else a UserError naming `what`."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UserError(f"{what} must be a floating-point torch tensor, got {kind}")
+    return x
+
+
+class ShapeCheckedScore:
+    """Wraps a score_fn: its output must be a tensor of the input's shape (broadcasting would be silently wrong)."""
+
+    def __init__(self, score_fn: Callable):
+        self.score_fn = score_fn
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.score_fn(x, t)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(f"score_fn returned {got} for x of shape {tuple(x.shape)}; it must return the "
+                            "score with x's shape")
+        return out
+
+
 class CountingScore:
     """Wraps a score_fn and counts its calls in a Python int (no device synchronisation)."""
 

@@ -13,8 +13,10 @@ from torchdiffeq import odeint
 
 from errors import UserError
 from sde_lib import SDE, batch_time
-from solvers.common import CountingScore, check_budget, check_choice, initial_state, steps_for_budget
+from solvers.common import (CountingScore, ShapeCheckedScore, check_budget, check_choice, check_nfe, check_state_tensor,
+                            initial_state, steps_for_budget)
 from solvers.registry import register
+from solvers.timesteps import check_eps
 
 # score evaluations per step of torchdiffeq's fixed-grid methods
 FIXED_STEP_COST = {"euler": 1, "midpoint": 2, "rk4": 4}
@@ -58,6 +60,8 @@ def solve_pf_ode(sde: SDE, score_fn, x: torch.Tensor, t_start: float, t_end: flo
     when given, caps their score evaluations (a UserError when the tolerance needs more).
     """
     check_choice(method, tuple(FIXED_STEP_COST) + ADAPTIVE_METHODS, "ODE method")
+    if not (rtol > 0 and atol > 0):
+        raise UserError(f"ode ({method}): rtol and atol must be positive, got rtol={rtol}, atol={atol}")
     counter = CappedScore(score_fn, None if method in FIXED_STEP_COST else nfe, method, rtol, atol)
     velocity = pf_ode_drift(sde, counter)
     # Integrate in tau = |t - t_start| (forward for torchdiffeq in both directions) and make adaptive methods
@@ -76,20 +80,37 @@ def solve_pf_ode(sde: SDE, score_fn, x: torch.Tensor, t_start: float, t_end: flo
         solution = odeint(func, x, taus, method=method)
     else:
         taus = torch.tensor([0.0, length], device=x.device, dtype=torch.float64)
-        solution = odeint(func, x, taus, method=method, rtol=rtol, atol=atol, options={"step_t": taus[1:]})
+        try:
+            solution = odeint(func, x, taus, method=method, rtol=rtol, atol=atol, options={"step_t": taus[1:]})
+        except AssertionError as error:  # torchdiffeq's step-size underflow: a NaN / inf field, or far too stiff
+            raise UserError(f"ode ({method}): the step size underflowed after {counter.calls} score evaluations "
+                            f"({error}); the score returned NaN/inf values, or rtol/atol are too tight") from None
     return solution[-1], counter.calls
+
+
+def _checked_options(name: str, options: dict) -> dict:
+    valid = ("method", "rtol", "atol", "nfe")
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UserError(f"{name} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(valid)}")
+    check_nfe(options.get("nfe"))
+    return options
 
 
 @torch.no_grad()
 def encode(sde: SDE, score_fn, x: torch.Tensor, eps: float = 1e-3, **solver_options) -> tuple[torch.Tensor, int]:
     """Map data x (at t = eps) to latents at t = T along the PF-ODE; returns (z, nfe_used)."""
-    return solve_pf_ode(sde, score_fn, x, eps, sde.T, **solver_options)
+    check_state_tensor(x, "encode: x")
+    eps = check_eps(sde, eps, "encode")
+    return solve_pf_ode(sde, ShapeCheckedScore(score_fn), x, eps, sde.T, **_checked_options("encode", solver_options))
 
 
 @torch.no_grad()
 def decode(sde: SDE, score_fn, z: torch.Tensor, eps: float = 1e-3, **solver_options) -> tuple[torch.Tensor, int]:
     """Map latents z (at t = T) back to data at t = eps along the PF-ODE; returns (x, nfe_used)."""
-    return solve_pf_ode(sde, score_fn, z, sde.T, eps, **solver_options)
+    check_state_tensor(z, "decode: z")
+    eps = check_eps(sde, eps, "decode")
+    return solve_pf_ode(sde, ShapeCheckedScore(score_fn), z, sde.T, eps, **_checked_options("decode", solver_options))
 
 
 @register("ode")
@@ -128,7 +149,10 @@ def ode_scipy_sample(sde, score_fn, shape, *, nfe=None, eps=1e-3, x_T=None, gene
     def fun(t: float, y: np.ndarray) -> np.ndarray:
         state = torch.from_numpy(y).to(device=x.device, dtype=x.dtype).reshape(x.shape)
         time = torch.tensor(t, device=x.device, dtype=x.dtype)
-        return velocity(time, state).reshape(-1).double().cpu().numpy()
+        out = velocity(time, state).reshape(-1).double().cpu().numpy()
+        if not np.isfinite(out).all():  # on the host already: no extra synchronisation
+            raise UserError(f"ode_scipy ({method}): the score returned NaN or inf values at t = {t:.4g}")
+        return out
 
     y0 = x.reshape(-1).double().cpu().numpy()
     result = integrate.solve_ivp(fun, (sde.T, eps), y0, method=method, rtol=rtol, atol=atol)

@@ -43,7 +43,32 @@ def test_without_cuda_fails_fast_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--quick --device cpu" in lines[0]
-    assert not out.exists() or not any(out.iterdir())
+    steps = load(out / "steps.json")["steps"]  # the reason is recorded too, as a failed env step
+    assert [(s["name"], s["status"]) for s in steps] == [("env", "failed")] and "no CUDA device" in steps[0]["note"]
+
+
+def test_a_torch_that_does_not_import_is_recorded(tmp_path):
+    """It used to say "no CUDA device" (the ImportError went to /dev/null) and record nothing."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/sh
+case "$2" in *"import torch"*) echo "ImportError: libtorch_cpu.so: cannot open shared object file" >&2; exit 1 ;; esac
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    proc, out = run_check(tmp_path, python=str(fake))
+    assert proc.returncode == 2 and "torch does not import" in proc.stderr and "libtorch_cpu.so" in proc.stderr
+    steps = load(out / "steps.json")["steps"]
+    assert steps[0]["status"] == "failed" and "libtorch_cpu.so" in steps[0]["note"]
+
+
+def test_unknown_steps_and_earlier_results_are_refused(tmp_path):
+    proc, out = run_check(tmp_path, "--quick", "--device", "cpu", "--steps", "trian")
+    assert proc.returncode == 2 and "unknown step 'trian' in --steps" in proc.stderr
+    out.mkdir(exist_ok=True)
+    (out / "steps.json").write_text("{}")
+    proc, _ = run_check(tmp_path, "--quick", "--device", "cpu", "--steps", "env")
+    assert proc.returncode == 2 and "holds an earlier check's results" in proc.stderr and "--force" in proc.stderr
+    assert (out / "steps.json").read_text() == "{}"
 
 
 def test_bad_arguments_are_one_line(tmp_path):
@@ -131,6 +156,11 @@ def test_prepare_device_data_copies_one_part_and_the_first_test_images(tmp_path)
 
     assert load_cifar10(str(dest), "test")[0].shape == (4, 3, 32, 32)
     assert load_cifar10(str(dest), "train")[0].shape == (16, 3, 32, 32)
+    # a second call with another --num_test replaces the first one's test part (both would be read)
+    proc = prepare(tmp_path, "--train", train, "--dest", str(dest), "--num_test", "6")
+    assert proc.returncode == 0 and "removed" in proc.stdout and "test_4.npz" in proc.stdout
+    assert sorted(p.name for p in dest.iterdir()) == ["test_6.npz", "train_0.npz"]
+    assert load_cifar10(str(dest), "test")[0].shape == (6, 3, 32, 32)
     for args, message in [(["--num_test", "0"], "prepare_device_data: --num_test needs a positive whole number, "
                                                 "got '0'"),
                           (["--train", str(tmp_path / "none.npz")], f"prepare_device_data: --train "

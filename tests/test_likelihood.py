@@ -721,6 +721,14 @@ def test_bench_likelihood_script_compares_with_a_reference(tmp_path, monkeypatch
     assert again["reference"] == report["reference"]
     assert again["methods"]["dopri5_pd@1e-5"]["reference_mean_bpd_difference"] < 1e-4
     assert "reference dopri5 at rtol = atol = 1e-07" in capsys.readouterr().out
+    # a reference of other images (another seed) is refused before any work, and so is an existing --out
+    monkeypatch.setattr(sys, "argv", common + ["--seed", "7", "--reference_from", str(first),
+                                               "--out", str(tmp_path / "third.json")])
+    with pytest.raises(UserError, match="was computed with other settings: seed 0 there, 7 here"):
+        bench_likelihood.main()
+    monkeypatch.setattr(sys, "argv", common + ["--reference_from", str(first), "--out", str(second)])
+    with pytest.raises(UserError, match="second.json exists"):
+        bench_likelihood.main()
 
 
 def test_configs_use_the_new_default_and_ssde_keep_the_paper_protocol():

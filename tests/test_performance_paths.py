@@ -16,6 +16,7 @@ import torch
 import configs
 from data.loaders import ImageStream
 from data.transforms import get_data_scaler
+from errors import UserError
 from sde_lib import VPSDE, batch_time, broadcast_to
 
 # init_scale=1: the reference's init_scale=0 makes the output (near) zero at initialisation, and the loss of a
@@ -275,3 +276,29 @@ def test_sampling_config_accel_keys_are_plain_calls_on_cpu():
     config.sampling.cuda_graph = True
     graphed, _ = generate(config, sde, score_fn, "ode_euler", 10, 20, 3, torch.device("cpu"), progress=False)
     torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--precisions", "fp16"], "--precisions takes comma-separated names of float32, bf16"),
+    (["--parts", "nosuch"], "--parts takes"), (["--device", "cud"], "--device must be"),
+    (["--steps", "0"], "--steps must be a positive integer"), (["--batch_sizes", "abc"], "--batch_sizes takes"),
+    (["--sample_nfe", "0"], "--sample_nfe must be")])
+def test_throughput_refuses_bad_arguments_before_measuring(argv, message):
+    """fp16 used to run float32 and be recorded as "fp16"; unknown parts wrote an empty report; the others
+    ended in tracebacks."""
+    from benchmarks import throughput
+
+    with pytest.raises(UserError, match=message):
+        throughput.check_args(throughput.parse_args(["--quick", *argv]))
+
+
+def test_throughput_never_replaces_a_report(tmp_path):
+    from benchmarks import throughput
+
+    out = tmp_path / "report.json"
+    out.write_text("{}")
+    with pytest.raises(UserError, match="report.json exists"):
+        throughput.check_args(throughput.parse_args(["--quick", "--out", str(out)]))
+    args = throughput.parse_args(["--quick"])
+    throughput.check_args(args)
+    assert args.out.startswith("throughput_") and args.out.endswith("Z.json")

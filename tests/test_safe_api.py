@@ -123,3 +123,95 @@ def test_likelihood_keeps_no_graph_and_needs_grads_only_for_its_divergence():
     assert score.weight.grad is None  # and it never reaches the parameters
     with pytest.raises(UserError):
         log_likelihood(sde, score, x, rtol=-1.0)
+
+
+# --- bad input to the Python API: one-line UserErrors, never silently wrong results ------------------------------
+def _ring_vp():
+    sde = VPSDE()
+    return sde, toy_mixture("ring2d").score_fn(sde)
+
+
+@pytest.mark.parametrize("solver", ["em", "reverse_diffusion", "ancestral", "pc", "ode", "ode_euler", "ode_scipy",
+                                    "sde_torchsde", "ddim", "heun"])
+@pytest.mark.parametrize("eps", [0.0, -0.1, 1.0, 2.0])
+def test_every_sampler_refuses_eps_outside_0_T(solver, eps):
+    """Half the samplers used to return inf / NaN samples (eps = 0) or integrate past T (eps = 2) silently."""
+    sde, score = _ring_vp()
+    with pytest.raises(UserError, match=rf"{solver}: eps must lie in \(0, 1"):
+        solvers.sample(sde, score, (4, 2), solver=solver, nfe=4, eps=eps)
+
+
+def test_encode_and_decode_check_eps_inputs_and_options():
+    sde, score = _ring_vp()
+    x = torch.zeros(4, 2)
+    for eps in (0.0, 2.0):
+        with pytest.raises(UserError, match="encode: eps must lie in"):
+            solvers.encode(sde, score, x, eps=eps)
+    with pytest.raises(UserError, match="decode: z must be a floating-point torch tensor"):
+        solvers.decode(sde, score, torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(UserError, match="encode has no option 'tol'"):
+        solvers.encode(sde, score, x, tol=1e-3)
+    with pytest.raises(UserError, match="rtol and atol must be positive"):
+        solvers.decode(sde, score, x, rtol=-1.0)
+
+
+@pytest.mark.parametrize("shape,nfe,message", [
+    (8, 4, "shape must be a tuple of positive integers"), ((-1, 2), 4, "shape must be"), ((8.0, 2), 4, "shape must be"),
+    ((0, 2), 4, "shape must be"), ((4, 2), 2.7, "nfe must be a positive integer, got 2.7"),
+    ((4, 2), True, "nfe must be a positive integer"), ((4, 2), float("inf"), "nfe must be a positive integer")])
+def test_shape_and_nfe_are_checked_not_truncated(shape, nfe, message):
+    sde, score = _ring_vp()
+    with pytest.raises(UserError, match=message):
+        solvers.sample(sde, score, shape, solver="em", nfe=nfe)
+
+
+def test_x_T_must_be_a_floating_tensor():
+    sde, score = _ring_vp()
+    for bad in (torch.zeros(4, 2, dtype=torch.long), [[0.0, 0.0]] * 4):
+        with pytest.raises(UserError, match="x_T must be a floating-point torch tensor"):
+            solvers.sample(sde, score, (4, 2), solver="ddim", nfe=4, x_T=bad)
+
+
+@pytest.mark.parametrize("solver", ["em", "ode", "ddim"])
+def test_a_score_of_the_wrong_shape_is_refused_not_broadcast(solver):
+    sde, score = _ring_vp()
+    with pytest.raises(UserError, match=r"score_fn returned \(4, 1\) for x of shape \(4, 2\)"):
+        solvers.sample(sde, lambda x, t: score(x, t)[:, :1], (4, 2), solver=solver, nfe=4)
+
+
+def test_nan_scores_stop_the_adaptive_solvers_and_warn_for_the_fixed_step_ones():
+    """adaptive used to loop forever (its cap ignored); dopri5 raised torchdiffeq's AssertionError; ode_scipy
+    asked for a larger nfe; fixed-step samplers returned NaN without a word."""
+    sde, score = _ring_vp()
+
+    def nan_row(x, t):
+        out = score(x, t).clone()
+        out[0] = float("nan")
+        return out
+
+    for solver, message in (("adaptive", "adaptive: the score returned NaN or inf"),
+                            ("ode", "ode \\(dopri5\\): the step size underflowed"),
+                            ("ode_scipy", "ode_scipy \\(RK45\\): the score returned NaN or inf")):
+        with pytest.raises(UserError, match=message):
+            solvers.sample(sde, nan_row, (8, 2), solver=solver, nfe=200)
+    with pytest.warns(RuntimeWarning, match="em: 2 of 16 sample values are NaN or inf"):
+        solvers.sample(sde, nan_row, (8, 2), solver="em", nfe=5)
+
+
+def test_log_likelihood_refuses_a_score_without_a_graph_and_inference_mode():
+    """A detached score made the divergence of the score part zero: log p -13.2 instead of -1.5, no error."""
+    from likelihood import log_likelihood
+
+    sde, score = _ring_vp()
+    x = toy_mixture("ring2d").sample(8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="score_fn returned a tensor without an autograd graph"):
+        log_likelihood(sde, lambda y, t: score(y, t).detach(), x, divergence="exact")
+    with torch.inference_mode(), pytest.raises(UserError, match="outside torch.inference_mode"):
+        log_likelihood(sde, score, x)
+    with pytest.raises(UserError, match="score_fn returned"):
+        log_likelihood(sde, lambda y, t: score(y, t)[:, :1], x)
+    with pytest.raises(UserError, match="step_size"):
+        log_likelihood(sde, score, x, method="euler", options={"step_size": 0.0})
+    with torch.no_grad():  # fine: the divergence enables grads locally
+        logp, _, _ = log_likelihood(sde, score, x, divergence="exact")
+    assert torch.isfinite(logp).all()

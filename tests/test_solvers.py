@@ -458,8 +458,8 @@ def _ring_vp():
 
 @pytest.mark.parametrize("call,match", [
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="nope"), "unknown solver"),
-    (lambda s, f: solvers.sample(s, f, (4, 2), solver="em", nfe=0), "nfe must be positive"),
-    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", nfe=-5), "nfe must be positive"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="em", nfe=0), "nfe must be a positive integer"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", nfe=-5), "nfe must be a positive integer"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="ald", nfe=10), "not valid for VPSDE"),
     (lambda s, f: solvers.sample(subVPSDE(), f, (4, 2), solver="ancestral", nfe=100), "not valid for subVPSDE"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", predictor="rk9"), "unknown predictor"),
