@@ -35,6 +35,13 @@ RUN_GRID = "run_samples.png"  # its sample grid, copied to OUT
 OK_STATUSES = ("ok", "off")  # "off": a step the chosen mode leaves out on purpose (compile in --quick)
 
 
+def _mfu_reference(report: dict) -> str:
+    """What the MFU of a throughput report is measured against: its dense matmul rate (bf16 on a GPU; on a CPU
+    the faster of bf16 and float32, which throughput.py takes as the ceiling)."""
+    reference = report.get("mfu_reference_flops", report.get("bf16_matmul_flops", 0.0))
+    kind = "bf16" if reference == report.get("bf16_matmul_flops") else "float32"
+    return f"{kind} matmul {reference / 1e12:.3g} TFLOP/s"
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -114,8 +121,7 @@ def key_numbers(out: str, steps: list[dict]) -> list[str]:
         for row in report.get("training", []):
             lines.append(f"- train {row['config']} batch {row['batch']} {row['precision']}"
                          f"{' compile' if row['compile'] else ''}: {_fmt(row['images_per_s'], '.1f')} images/s, "
-                         f"MFU {_fmt(row['mfu'] * 100, '.1f')} % (bf16 matmul "
-                         f"{report['bf16_matmul_flops'] / 1e12:.1f} TFLOP/s)")
+                         f"MFU {_fmt(row['mfu'] * 100, '.1f')} % (of {_mfu_reference(report)})")
         for name, variants in report.get("sampling", {}).items():
             for label, r in variants.items():
                 lines.append(f"- sample {name} {label} (batch {report['sampling_settings']['batch']}): network "

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import toy_mixture  # noqa: E402
 from sde_lib import VESDE, VPSDE  # noqa: E402
+from errors import UserError  # noqa: E402
+from scripts.arg_types import csv_of, positive_int  # noqa: E402
 from solvers import sample  # noqa: E402
 
 
@@ -26,10 +28,10 @@ def main(argv=None) -> None:
     """Print one line per rtol: mean radius and log-density gap with standard errors, NFE used."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sde", default="ve", choices=("vp", "ve"))
-    parser.add_argument("--rtol", default="0.05,0.01,0.002")
+    parser.add_argument("--rtol", type=csv_of(float, 1e-12, "tolerances"), default="0.05,0.01,0.002")
     parser.add_argument("--noise", default="bridge", choices=("bridge", "fresh"))
-    parser.add_argument("--num_samples", type=int, default=2000)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--num_samples", type=positive_int, default=2000)
+    parser.add_argument("--seeds", type=positive_int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     sde = VESDE() if args.sde == "ve" else VPSDE()
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
     n = args.num_samples
     print(f"exact mean radius {radius.mean():.4f} (standard error of one run of {n}: "
           f"{radius.std() / math.sqrt(n):.4f}); noise={args.noise}, sde={args.sde}")
-    for rtol in (float(v) for v in args.rtol.split(",")):
+    for rtol in args.rtol:
         radii, gaps, nfes = [], [], []
         for seed in range(args.seeds):
             x_T = sde.prior_sampling((n, 2), generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
@@ -55,4 +57,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from atomic_io import write_json  # noqa: E402
 from data import toy_mixture  # noqa: E402
 from likelihood import log_likelihood  # noqa: E402
+from errors import UserError  # noqa: E402
+from scripts.arg_types import positive_int  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
 
 SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
@@ -53,9 +55,13 @@ def _setting(name: str) -> dict:
     log_sigma or sigma, optional STATE x or x_over_alpha)."""
     if name in SETTINGS:
         return dict(SETTINGS[name])
-    method, tol, norm, variable, *state = name.split("/")
-    return {"method": method, "rtol": float(tol), "atol": float(tol), "time_variable": variable,
-            "state": state[0] if state else "x", "error_norm": norm}
+    try:
+        method, tol, norm, variable, *state = name.split("/")
+        return {"method": method, "rtol": float(tol), "atol": float(tol), "time_variable": variable,
+                "state": state[0] if state else "x", "error_norm": norm}
+    except ValueError:
+        raise UserError(f"--settings: {name!r} is neither {', '.join(SETTINGS)} nor METHOD/TOL/NORM/VARIABLE"
+                        "[/STATE]") from None
 
 
 def ode_error(mixture, sde, x, setting: str) -> tuple[float, int]:
@@ -89,14 +95,24 @@ def main() -> None:
     parser.add_argument("--problems", default="ring2d:vp,mix64:vp,ring2d:subvp,ring2d:ve,mix64:ve",
                         help="comma-separated MIXTURE:SDE")
     parser.add_argument("--settings", default="old_default,paper,default")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--estimators", default="hutchinson_gaussian,hutchinson_rademacher",
                         help="divergence estimators for the per-image table (mix64, VP); empty to skip")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--seeds", type=positive_int, default=1,
                         help="probe draws (and timed passes) per estimator in the per-image table")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    for problem in args.problems.split(","):  # all of them before the first solve
+        name, _, sde_name = problem.partition(":")
+        if sde_name not in SDES:
+            parser.error(f"--problems: {problem!r} is not MIXTURE:SDE with SDE one of {', '.join(SDES)}")
+        try:
+            toy_mixture(name)
+        except ValueError as error:
+            parser.error(f"--problems: {error}")
+    for setting in args.settings.split(","):
+        _setting(setting)
     torch.set_num_threads(args.threads)
     results = {"command": " ".join(["python"] + sys.argv),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -131,4 +147,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

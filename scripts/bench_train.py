@@ -60,6 +60,9 @@ def main(argv=None) -> int:
         workdir = args.workdir or os.path.join(tmp, "run")
         train(config, workdir, max_steps=args.warmup)
         result = train(config, workdir)
+    if result.steps_this_run == 0 or result.seconds <= 0:
+        sys.exit(f"error: no timed steps ran: {workdir} was already at step {result.step} (a finished run); "
+                 "use a new --workdir")
     per_s = result.steps_this_run / result.seconds
     unit = "images_per_s" if config.data.kind == "image" else "samples_per_s"
     device = get_device(config)

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 import configs  # noqa: E402
 import models  # noqa: E402
+from scripts.arg_types import positive_int  # noqa: E402
 from sde_lib import get_sde  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def reference_score_of_ones(config, t: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     """Print one line per discrete ssde config."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_t", type=int, default=10_000)
+    parser.add_argument("--num_t", type=positive_int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t = torch.rand(args.num_t, generator=torch.Generator().manual_seed(args.seed))  # float32, as a sampler's t

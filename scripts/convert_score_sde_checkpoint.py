@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.num_parameters:,} parameters{buffers}")
     print(f"not verifiable from the file, taken from --config {args.config}: {'; '.join(report.unverified)}")
     print(f"wrote {report.path}")
-    print(f"next: python main.py --mode sample --config {args.config} --workdir {args.out}")
+    given = "".join(f" '--config.{o}'" if " " in o else f" --config.{o}" for o in overrides)  # the same network
+    print(f"next: python main.py --mode sample --config {args.config} --workdir {args.out}{given}")
     return 0
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import toy_mixture  # noqa: E402
 from likelihood import log_likelihood  # noqa: E402
 from likelihood.ode import _drift_and_divergence, per_dim_norm  # noqa: E402
+from scripts.arg_types import csv_of, positive_int  # noqa: E402
 from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
 from solvers.common import CountingScore  # noqa: E402
 
@@ -81,13 +82,18 @@ def error_bpd(mixture, sde, x, logp: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default="ring2d:vp,mix64:vp", help="comma-separated MIXTURE:SDE")
-    parser.add_argument("--pilot_tols", default="1e-8,1e-6,1e-5")
-    parser.add_argument("--nfe", default="48,60,72", help="score evaluations of the fixed-grid passes (4 per step)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pilot_tols", type=csv_of(float, 1e-15, "tolerances"), default="1e-8,1e-6,1e-5")
+    parser.add_argument("--nfe", type=csv_of(int, RK4_EVALS_PER_STEP, "score evaluations", RK4_EVALS_PER_STEP),
+                        default="48,60,72", help="score evaluations of the fixed-grid passes (4 per step)")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
+    for problem in args.problems.split(","):
+        name, _, sde_name = problem.partition(":")
+        if sde_name not in SDES or name not in ("ring2d", "grid2d", "mix64"):
+            parser.error(f"--problems: {problem!r} is not MIXTURE:SDE (ring2d, grid2d, mix64 : {', '.join(SDES)})")
     torch.set_num_threads(args.threads)
-    budgets = [int(n) for n in args.nfe.split(",")]
+    budgets = args.nfe
     print("| problem | grid | " + " | ".join(f"A / B at {n} NFE" for n in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
     for problem in args.problems.split(","):
@@ -101,7 +107,7 @@ def main() -> None:
                                           prior_logp=lambda z: mixture.marginal_log_prob(z, sde.T, sde))
             adaptive.append(f"{error_bpd(mixture, sde, x, logp):.1e} ({nfe} NFE)")
         print(f"| {problem} | adaptive default | {' / '.join(adaptive)} |" + " |" * (len(budgets) - 1), flush=True)
-        for tol in (float(v) for v in args.pilot_tols.split(",")):
+        for tol in args.pilot_tols:
             _, accepted = _integrate(sde, mixture, batches[0], "dopri5", rtol=tol, atol=tol,
                                      options={"norm": per_dim_norm(mixture.dim)})
             knots = np.array([EPS] + accepted[:-1] + [sde.T])

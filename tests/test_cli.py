@@ -148,3 +148,19 @@ def test_config_paths_that_are_not_configs(tmp_path, capsys):
         assert main.main(["--mode", "sample", "--config", path, "--workdir", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("adaptive_bias.py", ["--rtol", "abc"], "expected comma-separated tolerances"),
+    ("bench_likelihood_ode.py", ["--problems", "ring2d"], "is not MIXTURE:SDE"),
+    ("likelihood_grid_floor.py", ["--nfe", "48,50"], "multiples of 4"),
+    ("likelihood_field_roughness.py", ["--run", "/nonexistent/run"], "holds no run"),
+    ("check_reference_conditioning.py", ["--num_t", "0"], "expected a positive integer"),
+    ("bench_likelihood.py", ["--num_images", "0"], "--num_images must be a positive integer"),
+])
+def test_scripts_refuse_bad_arguments_without_a_traceback(script, argv, message):
+    """Each once ended in a traceback (ValueError, AssertionError, an uncaught UserError) with exit code 1."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", script), *argv], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
