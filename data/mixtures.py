@@ -25,8 +25,10 @@ class GaussianMixture:
         k, d = means.shape
         if weights.shape != (k,):
             raise ValueError(f"weights must have shape ({k},), got {tuple(weights.shape)}")
-        if (weights <= 0).any():
-            raise ValueError("mixture weights must be positive")
+        if not (torch.isfinite(weights).all() and (weights > 0).all()):  # NaN <= 0 is False: checked explicitly
+            raise ValueError("mixture weights must be positive finite numbers")
+        if not (torch.isfinite(means).all() and torch.isfinite(stds).all()):
+            raise ValueError("mixture means and stds must be finite")
         if stds.ndim == 0:
             stds = stds.expand(k)
         if stds.ndim == 1:
@@ -72,6 +74,9 @@ class GaussianMixture:
         return torch.log(self.weights.to(x))[None] + logp, diff, var
 
     def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # .to(x) would cast the means to ints
+            kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating-point tensor, got {kind}")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
 

@@ -157,8 +157,10 @@ def inception_score(scores, splits: int = 10, probs: bool = False) -> tuple[floa
     else:
         log_p = s - scipy.special.logsumexp(s, axis=1, keepdims=True)
     p = np.exp(log_p)
-    parts = []
-    for chunk_log_p, chunk_p in zip(np.array_split(log_p, splits), np.array_split(p, splits)):
+    parts, n = [], s.shape[0]
+    for k in range(splits):  # rows [k N / splits, (k + 1) N / splits), as Salimans et al.'s code and torch-fidelity
+        lo, hi = k * n // splits, (k + 1) * n // splits
+        chunk_log_p, chunk_p = log_p[lo:hi], p[lo:hi]
         log_marginal = np.log(np.clip(chunk_p.mean(axis=0), 1e-300, None))
         kl = (chunk_p * (chunk_log_p - log_marginal)).sum(axis=1).mean()
         parts.append(np.exp(kl))

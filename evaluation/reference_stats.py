@@ -151,7 +151,7 @@ def reference_statistics(config, split: str, network: torch.nn.Module, network_i
     requested = int(config.eval.reference_num_images)
     keep = int(config.eval.kid_reference_features)
     record = {"format": FORMAT, **fingerprint, "reference_num_images": requested, "subset": "first images of the split",
-              "kid_reference_features": keep, "kid_subset_seed": 0,
+              "kid_reference_features": keep, "kid_subset_seed": 0, "inception_score_rows": "shuffled, seed 0",
               "inception": {k: network_info[k] for k in ("library", "version", "network", "features", "weights_sha256")}}
     folder = stats_dir(config, fingerprint)
     stem = os.path.join(folder, f"{fingerprint['dataset']}_{split}_{requested or 'all'}_"
@@ -168,7 +168,10 @@ def reference_statistics(config, split: str, network: torch.nn.Module, network_i
     mu, sigma = feature_statistics(pool)
     rows = np.sort(np.random.default_rng(0).choice(pool.shape[0], min(keep, pool.shape[0]), replace=False))
     features = pool[rows].astype(np.float32)
-    is_mean, is_std = inception_score(logits, splits=min(int(config.eval.isc_splits), pool.shape[0]))
+    # the data's IS over a seeded shuffle of its rows: files sorted by class (an image folder per class) would
+    # otherwise put one class in each part (torch-fidelity shuffles too)
+    shuffled = logits[np.random.default_rng(0).permutation(logits.shape[0])]
+    is_mean, is_std = inception_score(shuffled, splits=min(int(config.eval.isc_splits), pool.shape[0]))
     save_npz(stem + ".npz", compressed=False, mu=mu, sigma=sigma, features=features)
     summary = {"num_images": int(pool.shape[0]), "inception_score": [is_mean, is_std]}
     write_json(stem + ".json", {"record": record, **summary})

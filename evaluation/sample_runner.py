@@ -271,6 +271,11 @@ def output_stem(config, args, workdir: str, kind: str = "samples") -> tuple[str,
         shown = f"{scale:g}" if float(f"{scale:g}") == scale else repr(scale)
         stem += f"_class{label}" + (f"_{guidance}{shown}" if guidance != "none" else "")
     settings = sampling_settings(config, solver, num_samples)
+    if label is not None and guidance == "classifier":  # the samples depend on which classifier guided them
+        from training.checkpoint import stored_digest
+        from training.classifier import classifier_path
+
+        settings["classifier"] = stored_digest(classifier_path(workdir))
     defaults = default_config(args, workdir)
     default_settings = (None if defaults is None
                         else sampling_settings(defaults, solver, int(defaults.sampling.num_samples)))

@@ -346,3 +346,23 @@ def test_classifier_training_is_reproducible_and_never_replaces_a_trained_one(tm
     with pytest.raises(UserError, match="classifier.pt exists .*delete it"):
         train_classifier(config, str(tmp_path / "a"), n_iters=3)
     assert open(classifier_path(str(tmp_path / "a")), "rb").read() == before
+
+
+def test_classifier_guided_results_are_named_by_their_classifier(tmp_path):
+    """Samples guided by another classifier (deleted and retrained) no longer replace the earlier ones."""
+    import argparse
+    import os
+
+    import configs
+    from evaluation.sample_runner import output_stem
+    from training.checkpoint import save_checkpoint
+    from training.classifier import classifier_path
+
+    config = configs.get_config("vp_toy")
+    args = argparse.Namespace(config="vp_toy", solver="em", nfe=4, num_samples=8, class_label=3,
+                              guidance="classifier", guidance_scale=1.0)
+    stems = []
+    for seed in (0, 1):
+        save_checkpoint(classifier_path(str(tmp_path)), {"state_dict": {"w": torch.full((2,), float(seed))}})
+        stems.append(os.path.basename(output_stem(config, args, str(tmp_path), "samples")[0]))
+    assert stems[0] != stems[1] and all("_class3_classifier1_h" in s for s in stems)

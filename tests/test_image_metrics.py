@@ -139,3 +139,12 @@ def test_inception_score_closed_forms():
     assert inception_score(p, splits=4, probs=True) == pytest.approx((np.mean(parts), np.std(parts)), rel=1e-10)
     with pytest.raises(ValueError):
         inception_score(logits[:3], splits=4)
+    # N not divisible by the splits: parts [k N / splits, (k + 1) N / splits) as Salimans et al.'s code and
+    # torch-fidelity (np.array_split puts the extra rows first: 103 rows in 10 parts gave another IS)
+    logits = np.random.default_rng(9).normal(size=(103, k)) * 2
+    p = scipy.special.softmax(logits, axis=1)
+    parts = []
+    for i in range(10):
+        chunk = p[i * 103 // 10:(i + 1) * 103 // 10]
+        parts.append(np.exp(np.mean(np.sum(chunk * (np.log(chunk) - np.log(chunk.mean(0))), axis=1))))
+    assert inception_score(logits, splits=10) == pytest.approx((np.mean(parts), np.std(parts)), rel=1e-10)

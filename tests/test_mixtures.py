@@ -116,3 +116,18 @@ def test_digits():
     images, labels = load_digits_uint8()
     assert images.shape == (1797, 1, 8, 8) and images.dtype == np.uint8
     assert images.max() == 255 and set(labels.tolist()) == set(range(10))
+
+
+def test_mixture_refuses_integer_inputs_and_non_finite_parameters():
+    """An integer x cast the means to integers inside (log_prob NaN); NaN weights passed the positivity check."""
+    import pytest
+
+    from data import GaussianMixture, toy_mixture
+
+    ring = toy_mixture("ring2d")
+    with pytest.raises(ValueError, match="x must be a floating-point tensor, got a torch.int64 tensor"):
+        ring.log_prob(torch.zeros(3, 2, dtype=torch.long))
+    for weights, means in (([float("nan"), 1.0], [[0.0], [1.0]]), ([float("inf"), 1.0], [[0.0], [1.0]]),
+                           ([1.0, 1.0], [[0.0], [float("nan")]])):
+        with pytest.raises(ValueError, match="finite"):
+            GaussianMixture(weights, means, 1.0)
