@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from errors import UserError
-from models.embeddings import (GaussianFourierProjection, class_embedding, class_label_tensor, resolve_embedding_type,
-                               sinusoidal_embedding)
+from models.embeddings import (GaussianFourierProjection, class_embedding, class_label_tensor, positional_timesteps,
+                               resolve_embedding_type, sinusoidal_embedding)
 
 
 class MLPScoreNet(nn.Module):
@@ -29,6 +29,7 @@ class MLPScoreNet(nn.Module):
             raise UserError(f"MLP needs data.dim, model.hidden_dim, model.num_layers >= 1 and "
                             f"model.embedding_dim >= 2; got {self.dim}, {hidden}, {layers}, {emb}")
         self.embedding_type = resolve_embedding_type(config)
+        self.config = config  # positional_timesteps reads the SDE's settings
         self.embedding_dim = emb
         self.scale_by_sigma = bool(m.scale_by_sigma)
         if self.embedding_type == "fourier":
@@ -51,8 +52,8 @@ class MLPScoreNet(nn.Module):
             raise UserError(f"MLP score network expects inputs of shape (batch, {self.dim}), got {tuple(x.shape)}")
         if self.embedding_type == "fourier":
             temb = self.fourier(torch.log(cond))
-        else:
-            temb = sinusoidal_embedding(cond, self.embedding_dim)
+        else:  # VE labels are sigmas: embedded as the step index, as NCSN++ does (raw sigma barely varies)
+            temb = sinusoidal_embedding(positional_timesteps(cond, self.config), self.embedding_dim)
         temb = self.embed(temb.to(x.dtype))
         if self.num_classes > 0:
             temb = temb + self.class_embed(class_label_tensor(class_labels, x, self.num_classes)).to(temb.dtype)

@@ -442,3 +442,23 @@ def test_parameter_names_and_order_follow_the_reference_layout():
     assert [n.rsplit(".", 1)[0] for n, _ in block.named_parameters()][::2] == [
         "GroupNorm_0", "Conv_0", "Dense_0", "GroupNorm_1", "Conv_1", "NIN_0"]
     assert isinstance(model.all_modules[6], AttnBlock)
+
+
+def test_mlp_positional_embedding_of_ve_labels_is_the_step_index():
+    """VE labels are sigmas (0.01..20 for ve_toy): the MLP embedded them raw, so the lowest fifth of the time range
+    looked alike (embedding distance 0.05); NCSN++ embeds the reference's step index, and so does the MLP now."""
+    import configs
+    import models
+    from models.embeddings import positional_timesteps, sinusoidal_embedding
+
+    config = configs.get_config("ve_toy")
+    config.model.embedding_type = "positional"
+    model = models.create_model(config)
+    sigmas = torch.tensor([0.01, 0.046])  # sigma(0) and sigma(0.2)
+    steps = positional_timesteps(sigmas, config)
+    assert steps[0] == pytest.approx(config.sde.num_scales - 1) and steps[1] < 0.85 * steps[0]
+    seen = []
+    model.embed.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model(torch.zeros(2, 2), sigmas)
+    torch.testing.assert_close(seen[0], sinusoidal_embedding(steps, model.embedding_dim))
+    assert (seen[0][0] - seen[0][1]).norm() > 1.0
