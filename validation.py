@@ -106,7 +106,9 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
     hi = None if allow_large else MAX_COUNT
     hint = " (--allow_large lifts the upper bound)"
     check_int("seed", config.seed, 0, 2 ** 32 - 1)
-    _check_sde(config.sde)
+    chain = (mode == "train" and not bool(config.training.continuous)) or (
+        mode == "likelihood" and bool(config.likelihood.get("ddpm_bound", False)))
+    _check_sde(config.sde, discrete=chain)
     data = config.data
     if str(data.get("kind", "toy")) == "image":
         check_int("data.image_size", data.image_size, 1, 4096)
@@ -181,7 +183,8 @@ def validate_config(config, mode: str, T: float, allow_large: bool = False) -> N
         check_time("classifier.eps", c.eps, T)
 
 
-def _check_sde(sde) -> None:
+def _check_sde(sde, discrete: bool = False) -> None:
+    """SDE settings; `discrete`: the DDPM / SMLD chain is used (discrete training or the DDPM bound)."""
     check_int("sde.num_scales", sde.num_scales, 1, 1_000_000)
     name = str(sde.name).lower()
     if name == "vesde":
@@ -189,7 +192,11 @@ def _check_sde(sde) -> None:
         check_real("sde.sigma_max", sde.sigma_max, low, lo_open=True)
     else:
         low = check_real("sde.beta_min", sde.beta_min, 0.0, lo_open=True)
-        check_real("sde.beta_max", sde.beta_max, low)
+        high = check_real("sde.beta_max", sde.beta_max, low)
+        if name == "vpsde" and discrete and int(sde.num_scales) <= high:  # DDPM's beta_i = beta / N must be < 1
+            raise UserError(f"sde.num_scales={int(sde.num_scales)} gives DDPM a step beta_max / N = "
+                            f"{high / int(sde.num_scales):g} >= 1 (1 - beta < 0): the discrete chain needs "
+                            f"sde.num_scales > sde.beta_max = {high:g}")
 
 
 # --- memory -----------------------------------------------------------------------------------------------------

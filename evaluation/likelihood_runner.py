@@ -46,8 +46,12 @@ def likelihood_score_fns(config, sde, model):
     says; the bound is a sum over the discrete chain, so it uses the step-wise score of discrete training."""
     import models
 
-    return (models.get_score_fn(sde, model, continuous=likelihood_continuous(config),
-                                  **models.score_fn_options(config)),
+    options = models.score_fn_options(config)
+    if not config.training.continuous and str(config.sde.name).lower() == "vpsde":
+        # the continuous-time score of a network trained on DDPM's N steps: its labels are t (N - 1), the step
+        # positions it saw (999 t only for N = 1000, the reference's case; other N got labels it never saw)
+        options["vp_label_scale"] = float(int(config.sde.num_scales) - 1)
+    return (models.get_score_fn(sde, model, continuous=likelihood_continuous(config), **options),
             models.get_score_fn(sde, model, continuous=bool(config.training.continuous),
                                 **models.score_fn_options(config)))
 

@@ -48,6 +48,9 @@ class DDPMSchedule:
             raise UserError("the DDPM bound needs N >= 2 steps")
         i = torch.arange(self.T, dtype=torch.float64)
         betas = sde.discrete_betas(i)
+        if not bool((betas < 1).all()):  # 1 - beta <= 0: abar and the KL terms are NaN
+            raise UserError(f"the DDPM chain of N={sde.N} steps has beta up to {float(betas.max()):g} >= 1: "
+                            f"it needs N > beta_max = {sde.beta_max:g}")
         abar = torch.cumprod(1.0 - betas, 0)
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
 

@@ -71,7 +71,7 @@ def noise_labels(sde: SDE, t: torch.Tensor, x: torch.Tensor, continuous: bool = 
 
 
 def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, parameterization: str = "score",
-                 sigma_data: float = 0.5) -> ScoreFn:
+                 sigma_data: float = 0.5, vp_label_scale: float = VP_LABEL_SCALE) -> ScoreFn:
     """score_fn(x, t) for a network `model(x, labels)`; t is continuous in [0, T], a float or (batch,) tensor.
 
     VP / sub-VP: the network predicts the noise eps in x(t) = alpha(t) x(0) + std(t) eps, so the score
@@ -84,6 +84,8 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, parameteri
     The score has x's dtype, whatever precision the network ran in (e.g. bf16 autocast).
     Other `parameterization`s (eps, x0, v, edm with `sigma_data`; continuous time only) are converted by
     `models.parameterization.output_to_score`; "score" is the reference convention above.
+    `vp_label_scale`: the continuous VP labels are vp_label_scale * t (999: a continuously trained network; N - 1
+    for the continuous-time score of a network trained on DDPM's N steps, which sees step indices 0..N-1).
     """
     if not isinstance(sde, (VPSDE, VESDE, EDMSDE)):
         raise UserError(f"get_score_fn supports VPSDE, subVPSDE, VESDE and EDMSDE, got {type(sde).__name__}")
@@ -105,7 +107,7 @@ def get_score_fn(sde: SDE, model: nn.Module, continuous: bool = True, parameteri
                 labels = t * (sde.N - 1)  # the step position, unrounded, as in the reference
                 std = discrete_vp_std(sde, discrete_vp_index(sde, labels), t.dtype)
             else:
-                labels, std = t * VP_LABEL_SCALE, sde.marginal_std(t)
+                labels, std = t * vp_label_scale, sde.marginal_std(t)
             out = model(x, labels)
             return (-out / _expand(std, out)).to(x.dtype)
 

@@ -828,3 +828,45 @@ def test_likelihood_reports_of_other_data_or_score_protocol_get_other_names(tmp_
     step_wise.likelihood.continuous_score = False
     names = {path(c) for c in (base, other_data, step_wise)}
     assert len(names) == 3 and path(discrete) == path(base)  # discrete training, continuous score: the default
+
+
+def test_continuous_score_of_a_discrete_vp_network_uses_its_step_labels():
+    """A network trained on DDPM's N steps saw labels 0..N-1: its continuous-time score takes t (N - 1) (999 t
+    only for N = 1000). With N = 50 the likelihood used to run it on labels up to 999 (7.50 vs 6.80 bits/dim)."""
+    import configs
+    from evaluation.likelihood_runner import likelihood_score_fns
+    from sde_lib import get_sde
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.labels = []
+
+        def forward(self, x, labels):
+            self.labels.append(labels)
+            return torch.zeros_like(x)
+
+    for n in (50, 1000):
+        config = configs.get_config("vp_toy")
+        config.training.continuous, config.sde.num_scales = False, n
+        net = Recorder()
+        ode_score, _ = likelihood_score_fns(config, get_sde(config), net)
+        ode_score(torch.zeros(2, 2), torch.tensor([1.0, 0.5]))
+        torch.testing.assert_close(net.labels[-1], torch.tensor([1.0, 0.5]) * (n - 1))
+
+
+def test_a_ddpm_chain_with_beta_at_least_one_is_refused():
+    """beta_max / N >= 1 (N <= 20 at beta_max = 20) made the DDPM bound NaN and discrete training 'diverge'."""
+    from likelihood.ddpm_bound import DDPMSchedule
+    from validation import validate_config
+
+    with pytest.raises(UserError, match="needs N > beta_max = 20"):
+        DDPMSchedule(VPSDE(0.1, 20.0, N=10))
+    import configs
+
+    config = configs.get_config("vp_toy")
+    config.training.continuous, config.sde.num_scales = False, 10
+    with pytest.raises(UserError, match="sde.num_scales=10 gives DDPM a step beta_max / N = 2 >= 1"):
+        validate_config(config, "train", 1.0)
+    config.training.continuous = True  # the continuous SDE has no chain: any N is fine
+    validate_config(config, "train", 1.0)
