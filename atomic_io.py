@@ -8,20 +8,35 @@ alone would create them 0600).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import hashlib
 import io
 import json
 import os
 import re
+import socket
 import tempfile
-from typing import Any, BinaryIO, Callable
+import time
+from typing import Any, BinaryIO, Callable, Iterator
 
 from errors import UserError
 
 TEMP_PREFIX = ".tmp_"
-# What this module's writers create: prefix, writer pid, "_", mkstemp's 8 random characters (after "probe_" for the
-# folder probe of validation.py), the target's extension. Other files, even named .tmp_*, are the user's.
-_TEMP_NAME = re.compile(r"^\.tmp_(\d+)_(?:probe_)?[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?$")
+# The writer's host: a pid says whether a writer is alive only on its own machine (or container). Another host's
+# temp file on a shared file system is left alone unless it is older than STALE_ELSEWHERE_S.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+STALE_ELSEWHERE_S = 24 * 3600
+# What this module's writers create: prefix, writer pid, "_", the host tag and "_" (absent in names from before
+# host tags), mkstemp's 8 random characters (after "probe_" for the folder probe of validation.py), the
+# target's extension. Other files, even named .tmp_*, are the user's.
+_TEMP_NAME = re.compile(r"^\.tmp_(\d+)_(?:h([0-9a-f]{8})_)?(?:probe_)?[a-z0-9_]{8}(?:\.[A-Za-z0-9]+)?$")
+
+
+def temp_prefix() -> str:
+    """The temp-file prefix of this process: `.tmp_<pid>_h<host tag>_`."""
+    return f"{TEMP_PREFIX}{os.getpid()}_h{HOST_TAG}_"
 
 
 def _umask_mode() -> int:
@@ -49,8 +64,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise UserError(f"cannot write {path}: it is a folder")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}_", suffix=os.path.splitext(path)[1],
-                                   dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=os.path.splitext(path)[1], dir=folder)
     except OSError as error:
         raise UserError(_describe(error, path)) from None
     try:
@@ -137,14 +151,26 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        match = _TEMP_NAME.match(name)
-        if match is None or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
-            continue
         full = os.path.join(folder, name)
-        if os.path.isfile(full):
+        if is_stale_temp(full):
             _remove_quietly(full)
             removed.append(full)
     return removed
+
+
+def is_stale_temp(path: str) -> bool:
+    """Whether `path` is a temp file of this module whose writer is gone: a dead pid on this host (or in a name
+    without a host tag), or a file of another host untouched for STALE_ELSEWHERE_S."""
+    match = _TEMP_NAME.match(os.path.basename(path))
+    if match is None or not os.path.isfile(path):
+        return False
+    pid, host = int(match.group(1)), match.group(2)
+    if host is not None and host != HOST_TAG:
+        try:
+            return time.time() - os.path.getmtime(path) > STALE_ELSEWHERE_S
+        except OSError:
+            return False
+    return pid != os.getpid() and not _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -155,3 +181,27 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (flock on the folder itself: no lock file is left behind) while the
+    block runs; a second holder is refused at once with a one-line UserError naming `what`. Where the file
+    system does not support it (some network file systems), the block runs unlocked."""
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise UserError(_describe(error, folder)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder} is in use by another {what} (started earlier, still running); wait for it to "
+                            "finish, or use another --workdir") from None
+        except OSError:
+            pass  # no locking here: as before
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

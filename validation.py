@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from atomic_io import TEMP_PREFIX
+from atomic_io import temp_prefix
 from errors import UserError
 
 MAX_NFE = 100_000  # score evaluations per sample (the published samplers use <= 4,000)
@@ -296,7 +296,7 @@ def check_writable_folder(folder: str, what: str = "--workdir") -> None:
     if not os.path.isdir(probe):
         raise UserError(f"cannot write to {what} {folder}: {probe} is a file, not a folder")
     try:
-        fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}_probe_", dir=probe)
+        fd, name = tempfile.mkstemp(prefix=f"{temp_prefix()}probe_", dir=probe)
         os.close(fd)
         os.remove(name)
     except OSError as error:

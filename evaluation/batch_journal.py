@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from atomic_io import TEMP_PREFIX, save_npz, write_json
+from atomic_io import is_stale_temp, save_npz, write_json
 from errors import UserError
 from validation import describe_read_error
 
@@ -136,8 +136,13 @@ class ArrayJournal:
         """Remove the journal's files (batches, list, leftover temp files) and the folder when it is empty."""
         if not os.path.isdir(self.folder):
             return
+        # another run of the same command may finish at the same time (missing files are fine) or still be writing
+        # (its temp files are left to it; its own finish removes the folder)
         for name in os.listdir(self.folder):
-            if name == self.INDEX_FILE or self._BATCH.match(name) or name.startswith(TEMP_PREFIX):
-                os.remove(os.path.join(self.folder, name))
-        if not os.listdir(self.folder):
-            os.rmdir(self.folder)
+            path = os.path.join(self.folder, name)
+            if name == self.INDEX_FILE or self._BATCH.match(name) or is_stale_temp(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if not os.listdir(self.folder):
+                os.rmdir(self.folder)

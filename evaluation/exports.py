@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from atomic_io import save_npz, write_bytes, write_text
+from atomic_io import remove_stale_temps, save_npz, write_bytes, write_text
 from errors import UserError
 
 EXPORT_FORMAT = "scoresde-toolkit/ema/1"
@@ -42,6 +42,7 @@ def save_png_folder(folder: str, samples: np.ndarray) -> str:
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
         raise UserError(f"PNG export needs uint8 (N, 1 or 3, H, W) images, got {x.shape} {x.dtype}")
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temps(folder)  # a killed earlier export's temp files (the run's own cleanup stops one level up)
     width = max(6, len(str(len(x) - 1)))
     for k, image in enumerate(x):
         buffer = io.BytesIO()

@@ -378,6 +378,9 @@ def _evaluate_run(config, workdir: str, split: str, args, device: torch.device,
                   "weights": weights,  # the same step of another run differs
                   "device": device.type}  # GPU and CPU numbers differ in the last digits: not mixed
         unchanged = weights == stored_digest(checkpoint_path(workdir))  # no trainer replaced it while it loaded
+        if not unchanged:
+            print(f"note: {checkpoint_path(workdir)} was replaced while it loaded (a training run?): this run's "
+                  "batches are not saved for a resume")
         report = evaluate(config, sde, score_fn, split, num_batches, device, bound_score_fn=bound_score_fn,
                           journal=(path, header) if unchanged else None)
     report["score"] = "continuous" if likelihood_continuous(config) else "discrete"

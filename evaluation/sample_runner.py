@@ -211,7 +211,10 @@ def sample_from_run(config, workdir: str, args, journal_folder: str | None = Non
 
         sde, score_fn, step, guidance = guided_score_fn(config, workdir, device, args)
     journal = None
-    if journal_folder is not None and weights == stored_digest(checkpoint_path(workdir)):  # not replaced meanwhile
+    if journal_folder is not None and weights != stored_digest(checkpoint_path(workdir)):
+        print(f"note: {checkpoint_path(workdir)} was replaced while it loaded (a training run?): this run's "
+              "batches are not saved for a resume")
+    elif journal_folder is not None:  # not replaced meanwhile
         header = {"solver": solver, "nfe": int(nfe), "seed": seed, "step": None if step is None else int(step),
                   "weights": weights,  # the same step of another run differs
                   "settings": sampling_settings(config, solver, num_samples), "guidance": guidance}

@@ -655,7 +655,7 @@ def test_hostile_journal_contents_are_refused_in_one_line_and_nan_results_resume
         journal.load(0)
 
 
-def test_no_journal_when_the_checkpoint_is_replaced_while_it_loads(tmp_path, monkeypatch):
+def test_no_journal_when_the_checkpoint_is_replaced_while_it_loads(tmp_path, monkeypatch, capsys):
     """A trainer writing a new checkpoint while sample / likelihood load it: which weights were loaded is not
     known, so their batches are not saved for a resume (the run itself completes)."""
     import evaluation.run
@@ -674,7 +674,56 @@ def test_no_journal_when_the_checkpoint_is_replaced_while_it_loads(tmp_path, mon
             return loaded
         return loading
 
+    note = "was replaced while it loaded (a training run?): this run's batches are not saved for a resume"
     monkeypatch.setattr(sample_runner, "load_score_fn", then_replace(sample_runner.load_score_fn, 2))
     assert main.main([*SAMPLE, "--workdir", workdir]) == 0 and not saved
+    assert note in capsys.readouterr().out  # said, not silent
     monkeypatch.setattr(evaluation.run, "load_run", then_replace(evaluation.run.load_run, 3))
     assert main.main([*LIKELIHOOD, "--workdir", workdir]) == 0 and not saved
+    assert note in capsys.readouterr().out
+
+
+def test_a_second_training_of_the_same_workdir_is_refused(tmp_path, capsys):
+    """Two trainings used to run at once and overwrite each other's checkpoints (config.json of one, weights of
+    the other: the run no longer loaded). The folder is locked while one trains; no lock file is left behind."""
+    import atomic_io
+    from test_training import tiny_config
+    from training.trainer import train
+
+    config = tiny_config(n_iters=2)
+    with atomic_io.folder_lock(str(tmp_path), "training run"):
+        with pytest.raises(UserError, match="is in use by another training run"):
+            train(config, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    assert train(config, str(tmp_path)).step == 2  # free again
+
+
+def test_temp_files_of_another_host_are_kept_unless_old_and_journals_finish_twice(tmp_path):
+    """On a shared file system a pid says nothing about another host's writer: its temp file was deleted under
+    it. Two identical commands finishing the same sample journal used to raise FileNotFoundError."""
+    import time
+
+    import atomic_io
+    from evaluation.batch_journal import ArrayJournal
+
+    other = tmp_path / ".tmp_999999999_h0123abcd_k3x9q0a1.npz"  # another host's live writer (a pid unknown here)
+    old_other = tmp_path / ".tmp_999999999_h0123abcd_zzzz0000.npz"
+    dead_here = tmp_path / f".tmp_999999999_h{atomic_io.HOST_TAG}_abcd1234.npz"
+    for path in (other, old_other, dead_here):
+        path.write_bytes(b"partial")
+    os.utime(old_other, (time.time() - 2 * atomic_io.STALE_ELSEWHERE_S,) * 2)
+    removed = atomic_io.remove_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([str(old_other), str(dead_here)]) and other.exists()
+    assert atomic_io.temp_prefix() == f".tmp_{os.getpid()}_h{atomic_io.HOST_TAG}_"
+
+    folder = tmp_path / "x.partial"
+    journal = ArrayJournal(str(folder), {"k": 1})
+    journal.record(0, x=np.zeros(3))
+    live = folder / ".tmp_999999999_h0123abcd_live0000.npz"  # the other command, still writing
+    live.write_bytes(b"partial")
+    journal.finish()
+    assert live.exists() and not (folder / "batch_0.npz").exists()
+    journal.finish()  # the second finish of the same journal: nothing left to remove, no error
+    live.unlink()
+    journal.finish()
+    assert not folder.exists()

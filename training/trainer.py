@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import models
-from atomic_io import write_json, write_text
+from atomic_io import folder_lock, write_json, write_text
 from models.guidance import conditional_score_fn
 from data.loaders import check_num_classes, get_data_stream, stream_seed, step_generator
 from errors import Interrupted, UserError
@@ -311,8 +311,12 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     device = get_device(config)
     info = distributed.setup(device)
     try:
-        return _train(config, workdir, distributed.local_device(device, info), info, max_steps, progress,
-                      tuple(callbacks))
+        # one training per workdir at a time (two would overwrite each other's checkpoints); the main process
+        # holds the lock for the whole run
+        lock = folder_lock(workdir, "training run") if info.is_main else contextlib.nullcontext()
+        with lock:
+            return _train(config, workdir, distributed.local_device(device, info), info, max_steps, progress,
+                          tuple(callbacks))
     finally:
         distributed.cleanup(info)
 
