@@ -13,11 +13,17 @@ def get_sde(config) -> SDE:
     name = config.sde.name.lower()
     if name not in SDES:
         raise UserError(f"unknown SDE {config.sde.name!r}; valid: {', '.join(SDES)}")
-    if name == "vesde":
-        return VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
-    if name == "edm":
-        return EDMSDE(config.sde.sigma_max, config.sde.num_scales)
-    return SDES[name](config.sde.beta_min, config.sde.beta_max, config.sde.num_scales)
+    steps = config.sde.num_scales
+    if isinstance(steps, float) and steps.is_integer():  # e.g. --config.sde.num_scales=1000.0
+        steps = int(steps)
+    try:
+        if name == "vesde":
+            return VESDE(config.sde.sigma_min, config.sde.sigma_max, steps)
+        if name == "edm":
+            return EDMSDE(config.sde.sigma_max, steps)
+        return SDES[name](config.sde.beta_min, config.sde.beta_max, steps)
+    except ValueError as error:  # the constructors' checks, in the config's terms
+        raise UserError(f"config.sde ({name}): {error}") from None
 
 
 __all__ = ["SDE", "ReverseSDE", "VPSDE", "subVPSDE", "VESDE", "EDMSDE", "SDES", "get_sde", "batch_time", "broadcast_to"]

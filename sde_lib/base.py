@@ -5,6 +5,7 @@ import abc
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,8 +28,8 @@ class SDE(abc.ABC):
     """A forward SDE on [0, T] with a Gaussian transition kernel and an N-step discretization."""
 
     def __init__(self, N: int):
-        if int(N) < 1:
-            raise ValueError(f"number of discretization steps N must be >= 1, got {N}")
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or int(N) < 1:  # 2.5 is not truncated
+            raise ValueError(f"number of discretization steps N must be an integer >= 1, got {N!r}")
         self.N = int(N)
 
     @property
@@ -126,3 +127,9 @@ class ReverseSDE:
         """Reverse of the forward chain's step: x_{i-1} = x_i - f_rev + G_rev z."""
         f, g = self.forward.discretize(x, t)
         return self._reverse(x, t, f, g)
+
+
+def _finite_number(value) -> bool:
+    """A real, finite number (not a bool or text): an SDE parameter."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(float(value)))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sde_lib.base import SDE, batch_time
+from sde_lib.base import SDE, _finite_number, batch_time
 from sde_lib.vp import standard_normal, standard_normal_logp
 
 
@@ -17,8 +17,8 @@ class EDMSDE(SDE):
 
     def __init__(self, sigma_max: float = 80.0, N: int = 1000):
         super().__init__(N)
-        if not float(sigma_max) > 0:
-            raise ValueError(f"need sigma_max > 0, got {sigma_max}")
+        if not (_finite_number(sigma_max) and sigma_max > 0):
+            raise ValueError(f"need a finite number sigma_max > 0, got {sigma_max!r}")
         self.sigma_max = float(sigma_max)
 
     @property

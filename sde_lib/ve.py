@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from sde_lib.base import SDE, batch_time
+from sde_lib.base import SDE, _finite_number, batch_time
 from sde_lib.vp import standard_normal, standard_normal_logp
 
 
@@ -18,8 +18,8 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not (_finite_number(sigma_min) and _finite_number(sigma_max) and 0 < sigma_min < sigma_max):
+            raise ValueError(f"need finite numbers 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.log_ratio = math.log(self.sigma_max / self.sigma_min)

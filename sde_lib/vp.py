@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from sde_lib.base import SDE, batch_time, broadcast_to
+from sde_lib.base import SDE, _finite_number, batch_time, broadcast_to
 
 
 def standard_normal_logp(z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -27,8 +27,8 @@ class VPSDE(SDE):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(N)
-        if not 0 <= beta_min < beta_max:
-            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        if not (_finite_number(beta_min) and _finite_number(beta_max) and 0 <= beta_min < beta_max):
+            raise ValueError(f"need finite numbers 0 <= beta_min < beta_max, got {beta_min!r}, {beta_max!r}")
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
 

@@ -1,6 +1,7 @@
 """Correctors of the PC sampler: score-based MCMC at a fixed time t (Song et al., 2021, app. G)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -55,6 +56,8 @@ class LangevinCorrector(Corrector):
         if self.step_size is not None:
             raise UserError("step_size applies to the 'ald' corrector only; the Langevin corrector's step is "
                             "set by snr")
+        if not (math.isfinite(self.snr) and self.snr > 0):  # snr < 0 gave garbage samples without a word
+            raise UserError(f"Langevin snr must be a positive number, got {self.snr}")
 
     def update(self, x, t, noise):
         tt = batch_time(t, x)

@@ -190,3 +190,16 @@ def test_step_time_truncates_back_to_its_step(n, dtype):
     exact = i.double() / (n - 1)
     ulp = torch.finfo(dtype).eps * exact.clamp_min(torch.finfo(dtype).tiny)
     assert ((t.double() - exact).abs() <= 2 * ulp + torch.finfo(dtype).tiny).all()
+
+
+def test_sde_parameters_must_be_finite_numbers_and_n_an_integer():
+    """Text, inf and N = 2.5 used to be accepted (2.5 truncated to 2, text failing later deep inside)."""
+    import pytest
+
+    from sde_lib import EDMSDE, VESDE, VPSDE
+
+    for make in (lambda: VPSDE("0.1", 20.0), lambda: VPSDE(0.1, float("inf")), lambda: VPSDE(N=2.5),
+                 lambda: VPSDE(N=True), lambda: VESDE(0.01, float("nan")), lambda: EDMSDE(float("inf"))):
+        with pytest.raises(ValueError, match="finite number|integer >= 1"):
+            make()
+

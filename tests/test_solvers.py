@@ -473,6 +473,7 @@ def _ring_vp():
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="em", x_T=torch.zeros(3, 2)), "x_T has shape"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", step_size=1e-4), "step_size applies to the 'ald'"),
     (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", corrector="ald", snr=0.0), "snr must be positive"),
+    (lambda s, f: solvers.sample(s, f, (4, 2), solver="pc", snr=-1.0), "Langevin snr must be a positive number"),
 ])
 def test_clear_user_errors(call, match):
     sde, score = _ring_vp()
