@@ -11,11 +11,13 @@ from sde_lib import SDE, VESDE, VPSDE, batch_time, broadcast_to, subVPSDE
 
 
 def check_budget(nfe: int | None, default: int, name: str) -> int:
-    """The score-evaluation budget as a positive int (`default` when None)."""
-    budget = default if nfe is None else int(nfe)
-    if budget <= 0:
-        raise UserError(f"{name}: nfe must be positive, got {nfe}")
-    return budget
+    """The score-evaluation budget as a positive int (`default` when None); 2.7, True or inf are refused."""
+    if nfe is None:
+        return default
+    try:
+        return check_nfe(nfe)
+    except UserError as error:
+        raise UserError(f"{name}: {error}") from None
 
 
 def steps_for_budget(budget: int, cost_per_step: int, fixed_cost: int, name: str) -> int:

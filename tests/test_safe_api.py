@@ -215,3 +215,13 @@ def test_log_likelihood_refuses_a_score_without_a_graph_and_inference_mode():
     with torch.no_grad():  # fine: the divergence enables grads locally
         logp, _, _ = log_likelihood(sde, score, x, divergence="exact")
     assert torch.isfinite(logp).all()
+
+
+@pytest.mark.parametrize("name", ["ddim", "em", "ode_rk4", "heun"])
+def test_registered_samplers_refuse_fractional_budgets_too(name):
+    """check_budget, the samplers' shared budget check, used to truncate 2.7 to 2 when called past solvers.sample."""
+    from solvers.registry import SAMPLERS
+
+    sde, score = _ring_vp()
+    with pytest.raises(UserError, match="nfe must be a positive integer, got 8.5"):
+        SAMPLERS[name](sde, score, (4, 2), nfe=8.5)
